@@ -1,0 +1,49 @@
+"""compsft: cross-lingual transfer by composable sparse fine-tuning (LT-SFT).
+
+The public API is a few verbs::
+
+    import compsft
+    lang = compsft.load("sfts/mt-language")          # a SparseFineTuning
+    task = compsft.load("sfts/pos-task")
+    handle = compsft.apply(model, lang, task, with_dense=[False, True])
+    ...
+    compsft.revert(model, handle)                    # bit-identical
+    both = compsft.compose(lang, task)               # one SFT; both.overlap per tensor
+    compsft.save(both, "sfts/mt-pos")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CompsftError, FingerprintMismatch, VocabularyMismatch
+from .merge import AppliedSft, applied, apply, compose, revert
+from .sft import SftConfig, SparseDelta, SparseFineTuning
+from .version import __version__
+
+
+def load(directory: str | Path, device: str = "cpu") -> SparseFineTuning:
+    """Load an SFT directory (`sft.safetensors` + `sft_config.json`), validated."""
+    return SparseFineTuning.load(directory, device=device)
+
+
+def save(sft: SparseFineTuning, directory: str | Path, **kwargs) -> Path:
+    """Save `sft` into `directory` atomically; kwargs: dtype, index_encoding."""
+    return sft.save(directory, **kwargs)
+
+
+__all__ = sorted([
+    "AppliedSft",
+    "CompsftError",
+    "FingerprintMismatch",
+    "SftConfig",
+    "SparseDelta",
+    "SparseFineTuning",
+    "VocabularyMismatch",
+    "__version__",
+    "applied",
+    "apply",
+    "compose",
+    "load",
+    "revert",
+    "save",
+])

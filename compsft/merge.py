@@ -1,0 +1,289 @@
+"""apply / revert / compose: adding sparse fine-tunings onto a model and taking them off again.
+
+`apply` keeps the original values of every entry it touches, so `revert` restores the weights
+bit-identically (subtracting the difference again, as the reference implementation does, drifts
+in the last bits). Everything is checked before the first weight changes: a bad SFT leaves the
+model untouched.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import fingerprint as fp
+from .errors import CompsftError, FingerprintMismatch, VocabularyMismatch
+from .sft import SftConfig, SparseDelta, SparseFineTuning, index_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Touched:
+    param: torch.nn.Parameter
+    indices: torch.Tensor | None  # int64 on the param's device; None for a dense (whole-tensor) copy
+    original: torch.Tensor
+
+
+@dataclass
+class AppliedSft:
+    """What `apply` did: enough to undo it exactly. Returned by `apply`, consumed by `revert`."""
+
+    sfts: tuple[SparseFineTuning, ...]
+    touched: list[_Touched] = field(default_factory=list)
+
+
+# Applied SFTs per model, oldest first. Kept outside the module so state_dict and save_pretrained
+# never see it.
+_STACKS: "weakref.WeakKeyDictionary[torch.nn.Module, list[AppliedSft]]" = weakref.WeakKeyDictionary()
+
+
+def applied(model: torch.nn.Module) -> list[AppliedSft]:
+    """The SFTs currently applied to `model`, oldest first."""
+    return list(_STACKS.get(model, []))
+
+
+def _source(sft: SparseFineTuning) -> str:
+    return getattr(sft, "source", None) or repr(sft)
+
+
+def _resolve(model: torch.nn.Module, table: dict[str, torch.nn.Parameter], name: str) -> str | None:
+    """Find `name` in the model, allowing for the base-model prefix (`bert.` on task models, none on
+    a bare `BertModel`), so an SFT trained on a `*ForMaskedLM` applies to a tagger and vice versa."""
+    if name in table:
+        return name
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix:
+        if name.startswith(prefix + ".") and name[len(prefix) + 1:] in table:
+            return name[len(prefix) + 1:]
+        if f"{prefix}.{name}" in table:
+            return f"{prefix}.{name}"
+    return None
+
+
+def _base_sample(model: torch.nn.Module, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """θ0 at `positions` of `param`: its current values, except where an applied SFT changed them."""
+    positions = positions.to(param.device)
+    values = param.detach().reshape(-1).index_select(0, positions).clone()
+    found = torch.zeros_like(positions, dtype=torch.bool)
+    for handle in _STACKS.get(model, []):
+        for t in handle.touched:
+            if t.param is not param:
+                continue
+            if t.indices is None:
+                hit = ~found
+                values[hit] = t.original.reshape(-1).index_select(0, positions)[hit]
+            else:
+                loc = torch.searchsorted(t.indices, positions).clamp(max=max(t.indices.numel() - 1, 0))
+                hit = ~found & (t.indices.numel() > 0) & (t.indices[loc] == positions)
+                values[hit] = t.original[loc[hit]]
+            found |= hit
+    return values
+
+
+def _check_vocab(sft: SparseFineTuning, vocab: dict | None) -> None:
+    want = sft.config.vocab
+    if vocab is None or not want:
+        return
+    if want.get("sha256") != vocab.get("sha256") or want.get("size") != vocab.get("size"):
+        raise VocabularyMismatch(
+            f"{_source(sft)}: trained with a vocabulary of {want.get('size')} pieces "
+            f"(sha256 {str(want.get('sha256'))[:12]}), the model's has {vocab.get('size')} "
+            f"(sha256 {str(vocab.get('sha256'))[:12]}); trim or convert the model the same way"
+        )
+
+
+def apply(
+    model: torch.nn.Module,
+    *sfts: SparseFineTuning,
+    scales: Sequence[float] | None = None,
+    with_dense: bool | Sequence[bool] = False,
+    check_base: bool = True,
+    vocab: dict | None = None,
+) -> AppliedSft:
+    """Add `sfts` (each times its scale) onto `model` in place, on the model's device.
+
+    `with_dense` says, for all SFTs or one by one, whether their dense parameters (trained heads)
+    are copied in; a language SFT's MLM head should not be. `check_base=False` skips the base
+    fingerprint check; `vocab` (from `compsft.vocab.vocab_fingerprint`) enables the vocabulary
+    check. Returns a handle; `revert(model)` undoes the most recent apply.
+
+    Example::
+
+        handle = apply(model, lang_sft, task_sft, with_dense=[False, True])
+        ...
+        revert(model, handle)
+    """
+    if scales is None:
+        scales = [1.0] * len(sfts)
+    if len(scales) != len(sfts):
+        raise CompsftError(f"{len(sfts)} SFTs but {len(scales)} scales")
+    dense_flags = [with_dense] * len(sfts) if isinstance(with_dense, bool) else list(with_dense)
+    if len(dense_flags) != len(sfts):
+        raise CompsftError(f"{len(sfts)} SFTs but {len(dense_flags)} with_dense flags")
+
+    table = dict(model.named_parameters(remove_duplicate=False))
+    plan: list[tuple[torch.nn.Parameter, SparseDelta | None, torch.Tensor | None, float]] = []
+    # Validate everything first: no weight changes until every SFT is known to fit.
+    for sft, scale, dense in zip(sfts, scales, dense_flags):
+        src = _source(sft)
+        _check_vocab(sft, vocab)
+        seen: dict[int, str] = {}
+        expected = sft.config.base_fingerprint or {}
+        for name, delta in sft.diffs.items():
+            target = _resolve(model, table, name)
+            if target is None:
+                raise CompsftError(f"{src}: tensor {name!r} is not a parameter of the model")
+            param = table[target]
+            if tuple(param.shape) != tuple(delta.shape):
+                raise CompsftError(
+                    f"{src}: tensor {name!r} has shape {list(delta.shape)}, the model's "
+                    f"{target!r} has {list(param.shape)}"
+                )
+            if id(param) in seen:
+                # Tied weights (input and output embeddings): one tensor, so one update.
+                logger.warning("%s: %r and %r are tied in the model; applying only the first", src, seen[id(param)], name)
+                continue
+            seen[id(param)] = name
+            if check_base and expected:
+                pos = fp.sample_positions(param.numel())
+                reason = fp.compare(expected, name, tuple(param.shape), _base_sample(model, param, pos))
+                if reason:
+                    raise FingerprintMismatch(
+                        f"{src}: tensor {name!r}: {reason}. This SFT was trained from another base model "
+                        f"({sft.config.base_model!r}); pass check_base=False (--no-check-base) to apply anyway"
+                    )
+            plan.append((param, delta, None, scale))
+        if dense:
+            for name, tensor in sft.dense.items():
+                target = _resolve(model, table, name)
+                if target is None:
+                    raise CompsftError(f"{src}: dense tensor {name!r} is not a parameter of the model")
+                param = table[target]
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise CompsftError(
+                        f"{src}: dense tensor {name!r} has shape {list(tensor.shape)}, the model's "
+                        f"{target!r} has {list(param.shape)}"
+                    )
+                plan.append((param, None, tensor, 1.0))
+
+    handle = AppliedSft(tuple(sfts))
+    try:
+        with torch.no_grad():
+            for param, delta, dense_value, scale in plan:
+                if delta is None:
+                    handle.touched.append(_Touched(param, None, param.detach().clone()))
+                    param.data.copy_(dense_value.to(param.device, param.dtype))
+                    continue
+                if delta.nnz == 0:
+                    continue
+                flat = param.data.view(-1)
+                idx = delta.indices.to(param.device, torch.int64, non_blocking=True)
+                original = flat.index_select(0, idx)
+                handle.touched.append(_Touched(param, idx, original))
+                # Add in at least fp32 so fp16/bf16 weights get one rounding, not two.
+                work = torch.promote_types(param.dtype, torch.float32)
+                values = delta.values.to(param.device, work, non_blocking=True)
+                if scale != 1.0:
+                    values = values * scale
+                flat.index_copy_(0, idx, (original.to(work) + values).to(param.dtype))
+    except BaseException:
+        _undo(handle)
+        raise
+    _STACKS.setdefault(model, []).append(handle)
+    return handle
+
+
+def _undo(handle: AppliedSft) -> None:
+    with torch.no_grad():
+        for t in reversed(handle.touched):
+            if t.indices is None:
+                t.param.data.copy_(t.original)
+            else:
+                t.param.data.view(-1).index_copy_(0, t.indices, t.original)
+
+
+def revert(model: torch.nn.Module, handle: AppliedSft | None = None) -> None:
+    """Undo the most recent `apply` on `model` (or check that `handle` is that one), bit-identically."""
+    stack = _STACKS.get(model)
+    if not stack:
+        raise CompsftError("revert: no SFT is applied to this model")
+    if handle is not None and stack[-1] is not handle:
+        raise CompsftError("revert: SFTs must be reverted in the reverse order of apply")
+    _undo(stack.pop())
+
+
+def compose(*sfts: SparseFineTuning, scales: Sequence[float] | None = None) -> SparseFineTuning:
+    """One SFT equal to the sum of `sfts` (each times its scale): union of indices, summed values.
+
+    The result's `overlap` attribute maps each tensor to the number of entries present in more
+    than one input; it is logged too. Dense parameters are merged; the same dense parameter in two
+    inputs is an error unless the tensors are equal.
+    """
+    if not sfts:
+        return SparseFineTuning()
+    if scales is None:
+        scales = [1.0] * len(sfts)
+    if len(scales) != len(sfts):
+        raise CompsftError(f"{len(sfts)} SFTs but {len(scales)} scales")
+    vocabs = {str(s.config.vocab) for s in sfts if s.config.vocab}
+    if len(vocabs) > 1:
+        raise VocabularyMismatch("compose: the SFTs were trained with different vocabularies")
+
+    diffs: dict[str, SparseDelta] = {}
+    overlap: dict[str, int] = {}
+    names = list(dict.fromkeys(n for s in sfts for n in s.diffs))
+    for name in names:
+        parts = [(s.diffs[name], sc) for s, sc in zip(sfts, scales) if name in s.diffs]
+        shapes = {p.shape for p, _ in parts}
+        if len(shapes) > 1:
+            raise CompsftError(f"compose: tensor {name!r} has different shapes {sorted(shapes)}")
+        shape = parts[0][0].shape
+        work = torch.promote_types(parts[0][0].values.dtype, torch.float32)
+        idx = torch.cat([p.indices.long() for p, _ in parts])
+        vals = torch.cat([p.values.to(work) * sc for p, sc in parts])
+        if len(parts) > 1:
+            uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            summed = torch.zeros(uniq.numel(), dtype=work, device=vals.device).index_add_(0, inverse, vals)
+            overlap[name] = idx.numel() - uniq.numel()
+            idx, vals = uniq, summed
+        else:
+            overlap[name] = 0
+        numel = 1
+        for d in shape:
+            numel *= d
+        diffs[name] = SparseDelta(shape, idx.to(index_dtype(numel)), vals.to(parts[0][0].values.dtype))
+
+    dense: dict[str, torch.Tensor] = {}
+    for s in sfts:
+        for name, t in s.dense.items():
+            if name in dense and not torch.equal(dense[name], t):
+                raise CompsftError(f"compose: dense parameter {name!r} differs between the inputs")
+            dense[name] = t
+    prints = [s.config.base_fingerprint for s in sfts if s.config.base_fingerprint]
+    merged_print = None
+    if prints:
+        merged_print = {"method": prints[0]["method"], "tensors": {}}
+        for p in prints:
+            merged_print["tensors"].update(p.get("tensors", {}))
+    config = SftConfig(
+        kind="composed",
+        base_model=sfts[0].config.base_model,
+        base_fingerprint=merged_print,
+        vocab=sfts[0].config.vocab,
+        num_eligible=sfts[0].config.num_eligible,
+        training={
+            "composed_from": [
+                {"kind": s.config.kind, "language": s.config.language, "task": s.config.task, "k": s.k, "scale": sc}
+                for s, sc in zip(sfts, scales)
+            ]
+        },
+    )
+    out = SparseFineTuning(diffs, dense, config)
+    out.overlap = overlap
+    total = sum(overlap.values())
+    logger.info("compose: %d SFTs, k=%s, %s entries overlap", len(sfts), f"{out.k:,}", f"{total:,}")
+    return out
