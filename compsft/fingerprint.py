@@ -28,12 +28,18 @@ def sample_positions(numel: int, count: int = SAMPLES) -> torch.Tensor:
 
 def fingerprint(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict:
     """Fingerprint of `state` restricted to `names` (the tensors an SFT touches)."""
-    tensors = {}
+    samples = {}
     for name in names:
-        t = state[name]
-        pos = sample_positions(t.numel())
-        sample = t.detach().reshape(-1)[pos.to(t.device)].float().cpu().tolist()
-        tensors[name] = {"shape": list(t.shape), "sample": sample}
+        t = state[name].detach()
+        samples[name] = (tuple(t.shape), t.reshape(-1)[sample_positions(t.numel()).to(t.device)])
+    return from_samples(samples)
+
+
+def from_samples(samples: Mapping[str, tuple[tuple[int, ...], torch.Tensor]]) -> dict:
+    """Fingerprint from (shape, values at `sample_positions`) per tensor."""
+    tensors = {
+        name: {"shape": list(shape), "sample": sample.float().cpu().tolist()} for name, (shape, sample) in samples.items()
+    }
     shapes = json.dumps({n: v["shape"] for n, v in sorted(tensors.items())}).encode()
     return {"method": METHOD, "shapes_sha256": hashlib.sha256(shapes).hexdigest()[:16], "tensors": tensors}
 

@@ -189,7 +189,7 @@ def apply(
                 values = delta.values.to(param.device, work, non_blocking=True)
                 if scale != 1.0:
                     values = values * scale
-                flat.index_copy_(0, idx, (original.to(work) + values).to(param.dtype))
+                flat.scatter_(0, idx, (original.to(work) + values).to(param.dtype))
     except BaseException:
         _undo(handle)
         raise
@@ -203,7 +203,7 @@ def _undo(handle: AppliedSft) -> None:
             if t.indices is None:
                 t.param.data.copy_(t.original)
             else:
-                t.param.data.view(-1).index_copy_(0, t.indices, t.original)
+                t.param.data.view(-1).scatter_(0, t.indices, t.original)
 
 
 def revert(model: torch.nn.Module, handle: AppliedSft | None = None) -> None:
@@ -287,3 +287,17 @@ def compose(*sfts: SparseFineTuning, scales: Sequence[float] | None = None) -> S
     total = sum(overlap.values())
     logger.info("compose: %d SFTs, k=%s, %s entries overlap", len(sfts), f"{out.k:,}", f"{total:,}")
     return out
+
+
+def base_fingerprint(model: torch.nn.Module, names) -> dict:
+    """The fingerprint of θ0 for `names`, seen through any SFTs applied to `model`: a task SFT
+    trained with the source language SFT applied records θ0, not θ0 + φ_source."""
+    table = dict(model.named_parameters(remove_duplicate=False))
+    samples: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+    for name in names:
+        target = _resolve(model, table, name)
+        if target is None:
+            raise CompsftError(f"fingerprint: {name!r} is not a parameter of the model")
+        param = table[target]
+        samples[name] = (tuple(param.shape), _base_sample(model, param, fp.sample_positions(param.numel())))
+    return fp.from_samples(samples)

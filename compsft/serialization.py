@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from . import encoding
@@ -146,24 +147,20 @@ def load_sft(directory: str | os.PathLike, device: torch.device | str = "cpu") -
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise CompsftError(f"{directory}: no {WEIGHTS_NAME}")
-    diffs: dict[str, SparseDelta] = {}
-    dense: dict[str, torch.Tensor] = {}
+    index, dense_names = read_header(directory)
+    k = sum(int(e["nnz"]) for e in index.values())
+    if k != config.k:
+        raise CompsftError(f"{directory}: {CONFIG_NAME} says k={config.k} but {WEIGHTS_NAME} holds {k}")
+    if sorted(dense_names) != sorted(config.dense_params):
+        raise CompsftError(f"{directory}: dense parameters differ between {CONFIG_NAME} and {WEIGHTS_NAME}")
+    # The header is consistent: now read the data in one sequential read (much faster than
+    # faulting in a memory map page by page).
     try:
-        with safe_open(str(path), framework="pt") as f:
-            index, dense_names = _check_header(path, f.metadata() or {}, list(f.keys()))
-            k = sum(int(e["nnz"]) for e in index.values())
-            if k != config.k:
-                raise CompsftError(f"{directory}: {CONFIG_NAME} says k={config.k} but {WEIGHTS_NAME} holds {k}")
-            if sorted(dense_names) != sorted(config.dense_params):
-                raise CompsftError(f"{directory}: dense parameters differ between {CONFIG_NAME} and {WEIGHTS_NAME}")
-            for name, e in index.items():
-                diffs[name] = _read_delta(f, path, name, e)
-            for name in dense_names:
-                dense[name] = f.get_tensor(f"dense/{name}")
-    except CompsftError:
-        raise
+        tensors = load_bytes(path.read_bytes())
     except Exception as err:
         raise CompsftError(f"{path}: corrupt or truncated safetensors file ({err})") from None
+    diffs = {name: _read_delta(tensors, path, name, e) for name, e in index.items()}
+    dense = {name: tensors[f"dense/{name}"] for name in dense_names}
     sft = SparseFineTuning(diffs, dense, config)
     sft.validate(source=str(path))
     sft.source = str(directory)
@@ -173,7 +170,7 @@ def load_sft(directory: str | os.PathLike, device: torch.device | str = "cpu") -
     return sft
 
 
-def _read_delta(f, path: Path, name: str, e: dict) -> SparseDelta:
+def _read_delta(tensors: dict[str, torch.Tensor], path: Path, name: str, e: dict) -> SparseDelta:
     where = f"{path}, tensor {name!r}"
     try:
         shape = tuple(int(s) for s in e["shape"])
@@ -183,12 +180,12 @@ def _read_delta(f, path: Path, name: str, e: dict) -> SparseDelta:
     numel = math.prod(shape)
     if nnz < 0 or nnz > numel:
         raise CompsftError(f"{where}: nnz {nnz} impossible for shape {list(shape)}")
-    values = f.get_tensor(_sparse_key(name, "values"))
+    values = tensors[_sparse_key(name, "values")]
     if values.dim() != 1 or values.numel() != nnz:
         raise CompsftError(f"{where}: {values.numel()} values, the header says {nnz}")
     if e["encoding"] == "elias-fano":
-        low = f.get_tensor(_sparse_key(name, "ef_low")).numpy()
-        high = f.get_tensor(_sparse_key(name, "ef_high")).numpy()
+        low = tensors[_sparse_key(name, "ef_low")].numpy()
+        high = tensors[_sparse_key(name, "ef_high")].numpy()
         if low.dtype != np.uint8 or high.dtype != np.uint8:
             raise CompsftError(f"{where}: Elias-Fano parts must be uint8")
         try:
@@ -197,7 +194,7 @@ def _read_delta(f, path: Path, name: str, e: dict) -> SparseDelta:
             raise CompsftError(f"{where}: corrupt index ({err})") from None
         indices = torch.from_numpy(idx).to(index_dtype(numel))
     else:
-        indices = f.get_tensor(_sparse_key(name, "indices"))
+        indices = tensors[_sparse_key(name, "indices")]
         if indices.dtype not in (torch.int32, torch.int64) or indices.numel() != nnz:
             raise CompsftError(f"{where}: indices must be {nnz} int32/int64 values")
     return SparseDelta(shape, indices, values)

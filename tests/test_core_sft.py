@@ -345,3 +345,14 @@ def test_revert_order_enforced(mlm):
     compsft.revert(mlm, ha)
     with pytest.raises(CompsftError, match="no SFT is applied"):
         compsft.revert(mlm)
+
+
+def test_base_fingerprint_sees_through_applied_sft(mlm):
+    from compsft.fingerprint import fingerprint
+    from compsft.merge import base_fingerprint
+
+    names = [n for n, _ in mlm.named_parameters() if "LayerNorm" not in n and not n.startswith("cls.")]
+    theta0 = fingerprint({n: p for n, p in mlm.named_parameters()}, names)
+    compsft.apply(mlm, random_sft(mlm, 0.9, seed=17, scale=3.0))
+    assert base_fingerprint(mlm, names)["tensors"] == theta0["tensors"]
+    assert fingerprint({n: p for n, p in mlm.named_parameters()}, names)["tensors"] != theta0["tensors"]
