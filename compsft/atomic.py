@@ -25,6 +25,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / "payload"
     try:
         yield target
+        if target.is_dir():
+            # mkdtemp-style directories are private (0700); give the result the usual permissions.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(target, 0o777 & ~umask)
         if path.is_dir() and not path.is_symlink():
             # os.replace cannot replace a non-empty directory: move the old one aside first.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
