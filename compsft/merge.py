@@ -64,6 +64,20 @@ def _resolve(model: torch.nn.Module, table: dict[str, torch.nn.Parameter], name:
     return None
 
 
+def _target(model: torch.nn.Module, table: dict[str, torch.nn.Parameter], src: str, what: str,
+            name: str, shape) -> torch.nn.Parameter:
+    """The model's parameter for an SFT entry, or a CompsftError naming the file and the tensor."""
+    target = _resolve(model, table, name)
+    if target is None:
+        raise CompsftError(f"{src}: {what} {name!r} is not a parameter of the model")
+    param = table[target]
+    if tuple(param.shape) != tuple(shape):
+        raise CompsftError(
+            f"{src}: {what} {name!r} has shape {list(shape)}, the model's {target!r} has {list(param.shape)}"
+        )
+    return param
+
+
 def _base_sample(model: torch.nn.Module, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """θ0 at `positions` of `param`: its current values, except where an applied SFT changed them."""
     positions = positions.to(param.device)
@@ -134,15 +148,7 @@ def apply(
         seen: dict[int, str] = {}
         expected = sft.config.base_fingerprint or {}
         for name, delta in sft.diffs.items():
-            target = _resolve(model, table, name)
-            if target is None:
-                raise CompsftError(f"{src}: tensor {name!r} is not a parameter of the model")
-            param = table[target]
-            if tuple(param.shape) != tuple(delta.shape):
-                raise CompsftError(
-                    f"{src}: tensor {name!r} has shape {list(delta.shape)}, the model's "
-                    f"{target!r} has {list(param.shape)}"
-                )
+            param = _target(model, table, src, "tensor", name, delta.shape)
             if id(param) in seen:
                 # Tied weights (input and output embeddings): one tensor, so one update.
                 logger.warning("%s: %r and %r are tied in the model; applying only the first", src, seen[id(param)], name)
@@ -159,15 +165,7 @@ def apply(
             plan.append((param, delta, None, scale))
         if dense:
             for name, tensor in sft.dense.items():
-                target = _resolve(model, table, name)
-                if target is None:
-                    raise CompsftError(f"{src}: dense tensor {name!r} is not a parameter of the model")
-                param = table[target]
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise CompsftError(
-                        f"{src}: dense tensor {name!r} has shape {list(tensor.shape)}, the model's "
-                        f"{target!r} has {list(param.shape)}"
-                    )
+                param = _target(model, table, src, "dense tensor", name, tensor.shape)
                 plan.append((param, None, tensor, 1.0))
 
     handle = AppliedSft(tuple(sfts))
