@@ -15,13 +15,6 @@ SFT (14.2M) on the 277.5M model. Run on CPU; on CUDA too when there is one::
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/select.py would shadow the standard library's `select`: put the repository root, not this
-# folder, first on the path.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import gc
 import tempfile

@@ -1,0 +1,147 @@
+"""Which parameters LT-SFT masks, which it trains dense, and the default K.
+
+As in the paper and the reference implementation:
+
+* **Eligible (maskable)**: every parameter of the encoder (`model.base_model`): word, position and
+  token-type embeddings, attention, feed-forward, and a pooler if the model has one. Position and
+  token-type embeddings stay maskable, as in the reference, which masks the whole base model:
+  they are few (0.2% of mBERT) and rarely selected.
+* **Frozen**: normalisation layers (LayerNorm/RMSNorm) of the encoder, when `freeze_layer_norm`.
+* **Heads (dense)**: every parameter outside the encoder (a tagger's classifier, the MLM head's
+  transform and bias). They are fully trained in both phases and stored dense in the SFT.
+* **MLM**: the output embeddings are untied from the input embeddings and the output copy is
+  frozen (`untie_output_embeddings`), so the language SFT changes only the input embeddings.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from ..errors import CompsftError
+
+logger = logging.getLogger(__name__)
+
+# Eligible parameters of mBERT (bert-base-multilingual-cased, no pooler, LayerNorm excluded):
+# 119,547·768 word + 512·768 position + 2·768 token-type embeddings + 12 · 7,084,800 encoder.
+MBERT_ELIGIBLE = 177_224_448
+# The paper's K for mBERT: the parameter counts of MAD-X language / task adapters.
+PAPER_K = {"language": 7_667_712, "task": 14_155_776}
+
+_NORM_NAME = re.compile(r"(layer_?norm|rms_?norm|(^|\.)norm(\.|$)|_norm(\.|$)|\bln_)", re.IGNORECASE)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "layernorm" in name or "rmsnorm" in name
+
+
+def eligible_parameters(model: nn.Module, freeze_layer_norm: bool = True) -> dict[str, nn.Parameter]:
+    """Maskable parameters of `model`, by their names in `model.named_parameters()`, in model order."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model and not hasattr(model, "base_model_prefix"):
+        raise CompsftError(f"{type(model).__name__}: not a transformers model with a base model")
+    norm_params = set()
+    if freeze_layer_norm:
+        for mod_name, module in base.named_modules():
+            if _is_norm(module):
+                norm_params.update(id(p) for p in module.parameters(recurse=False))
+    base_ids = {id(p) for p in base.parameters()}
+    out = {}
+    for name, p in model.named_parameters():
+        if id(p) not in base_ids or id(p) in norm_params:
+            continue
+        if freeze_layer_norm and _NORM_NAME.search(name):
+            continue
+        out[name] = p
+    if not out:
+        raise CompsftError(f"{type(model).__name__}: no eligible parameters found")
+    return out
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters outside the encoder that are trained (stored dense): the heads."""
+    base_ids = {id(p) for p in model.base_model.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) not in base_ids and p.requires_grad}
+
+
+def untie_output_embeddings(model: nn.Module) -> bool:
+    """Give an MLM model its own frozen copy of the output embeddings; True if they were tied."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if out is None:
+        return False
+    tied = inp is not None and out.weight is inp.weight
+    if tied:
+        out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+    else:
+        out.weight.requires_grad_(False)
+    # Keep transformers from tying them again (save/load, resize, post_init).
+    if getattr(model.config, "tie_word_embeddings", None) is not None:
+        model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        try:
+            model.config.get_text_config().tie_word_embeddings = False
+        except Exception:  # noqa: BLE001 - older configs without a text config
+            pass
+    return tied
+
+
+def freeze_for_lt_sft(model: nn.Module, freeze_layer_norm: bool = True) -> tuple[dict, dict]:
+    """Set requires_grad as LT-SFT trains: eligible and heads trainable, the rest frozen.
+
+    Returns (eligible, heads). Call after `untie_output_embeddings` for MLM models.
+    """
+    frozen_out = None
+    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        out = model.get_output_embeddings().weight
+        if not out.requires_grad:
+            frozen_out = out
+    eligible = eligible_parameters(model, freeze_layer_norm)
+    ids = {id(p) for p in eligible.values()}
+    base_ids = {id(p) for p in model.base_model.parameters()}
+    for p in model.parameters():
+        if id(p) in ids:
+            p.requires_grad_(True)
+        elif id(p) in base_ids or p is frozen_out:
+            p.requires_grad_(False)
+        else:
+            p.requires_grad_(True)
+    return eligible, head_parameters(model)
+
+
+def resolve_k(num_eligible: int, k: int | None = None, density: float | None = None, kind: str = "task") -> int:
+    """K from a count or a density; by default the paper's K for mBERT scaled to `num_eligible`."""
+    if k is not None and density is not None:
+        raise CompsftError("give K as a count or as a density, not both")
+    if k is not None:
+        if not 0 < k <= num_eligible:
+            raise CompsftError(f"K={k} must be between 1 and the {num_eligible:,} eligible parameters")
+        return int(k)
+    if density is not None:
+        if not 0 < density <= 1:
+            raise CompsftError(f"density {density} must be in (0, 1]")
+        return max(1, round(density * num_eligible))
+    if kind not in PAPER_K:
+        raise CompsftError(f"no default K for kind {kind!r}; give --k or --density")
+    return max(1, round(PAPER_K[kind] * num_eligible / MBERT_ELIGIBLE))
+
+
+def layer_type(name: str) -> str:
+    """A parameter's layer type: its name with layer numbers replaced by '*'."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def density_by_layer_type(shapes: dict[str, tuple[int, ...]], counts: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(selected, total) per layer type, in first-seen order."""
+    out: dict[str, list[int]] = {}
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        row = out.setdefault(layer_type(name), [0, 0])
+        row[0] += int(counts.get(name, 0))
+        row[1] += n
+    return {k: (v[0], v[1]) for k, v in out.items()}

@@ -1,0 +1,128 @@
+"""SparseFineTuner on tiny random models: phases, mask, bit-identical non-mask entries, task on source."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compsft
+from compsft.training import SftArguments, SparseFineTuner
+from compsft.training.params import MBERT_ELIGIBLE, PAPER_K, eligible_parameters, resolve_k
+
+from training_helpers import ToyTagging, tiny_config, training_args
+
+
+def tagger(seed=0):
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(seed)
+    return BertForTokenClassification(tiny_config(num_labels=3))
+
+
+def test_eligible_parameters_and_default_k():
+    model = tagger()
+    el = eligible_parameters(model)
+    assert "bert.embeddings.word_embeddings.weight" in el
+    assert not any("LayerNorm" in n for n in el)
+    assert not any(n.startswith("classifier") for n in el)
+    assert resolve_k(MBERT_ELIGIBLE, kind="task") == PAPER_K["task"]
+    assert resolve_k(MBERT_ELIGIBLE, kind="language") == PAPER_K["language"]
+    assert resolve_k(1000, density=0.05) == 50
+
+
+def run_tuner(tmp_path, model, **sft_kw):
+    sft_args = SftArguments(**{"k": 300, "full_ft_max_steps": 6, "sparse_ft_max_steps": 6, **sft_kw})
+    args = training_args(tmp_path / "work", weight_decay=0.1)
+    tuner = SparseFineTuner(model=model, args=args, train_dataset=ToyTagging(), sft_args=sft_args)
+    tuner.train()
+    return tuner
+
+
+def test_non_mask_entries_bit_identical(tmp_path):
+    model = tagger()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuner = run_tuner(tmp_path, model, full_l1_reg=5.0, sparse_l1_reg=5.0)
+    sft = tuner.sft
+    assert sft.k == 300 and sft.config.k == 300
+    assert set(sft.dense) == {"classifier.weight", "classifier.bias"}
+    # The model now holds θ0 + φ: outside the mask every entry is θ0 bit for bit.
+    for name, p in model.named_parameters():
+        if name in sft.dense:
+            continue
+        now, before = p.detach().reshape(-1), theta0[name].reshape(-1)
+        keep = torch.ones_like(now, dtype=torch.bool)
+        if name in sft.diffs:
+            idx = sft.diffs[name].indices.long()
+            keep[idx] = False
+            assert torch.equal(now[idx], before[idx] + sft.diffs[name].values)
+        assert torch.equal(now[keep], before[keep]), name
+    assert any(float(d.values.abs().max()) > 0 for d in sft.diffs.values())
+    # Reverting restores θ0 exactly (heads included).
+    compsft.revert(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), theta0[name]), name
+    # Losses were logged per phase.
+    hist = tuner.state.log_history
+    assert {h.get("phase") for h in hist if "loss" in h} == {2}
+    assert tuner.phase_info["phase1"]["steps"] == 6 and tuner.phase_info["phase2"]["steps"] == 6
+    summary = tuner.summary()
+    assert summary["k"] == 300 and sum(r["selected"] for r in summary["by_layer_type"].values()) == 300
+
+
+def test_phase2_optimizer_state_is_k_sized(tmp_path):
+    model = tagger()
+    tuner = run_tuner(tmp_path, model)
+    state_numel = sum(t.numel() for s in tuner.optimizer.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+    heads = sum(t.numel() for t in tuner.sft.dense.values())
+    assert state_numel == 2 * (300 + heads)
+
+
+def test_mask_strategies_run(tmp_path):
+    for strategy in ("random", "magnitude", "prune-difference"):
+        model = tagger()
+        theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        tuner = run_tuner(tmp_path / strategy, model, mask_strategy=strategy)
+        assert tuner.sft.k == 300
+        assert ("phase1" in tuner.phase_info) == (strategy == "prune-difference")
+        assert ("phase2" in tuner.phase_info) == (strategy != "prune-difference")
+        if strategy == "magnitude":
+            mags = torch.cat([theta0[n].abs().reshape(-1) for n in tuner._eligible_names])
+            chosen = torch.cat([theta0[n].reshape(-1)[d.indices.long()].abs() for n, d in tuner.sft.diffs.items()])
+            assert float(chosen.min()) >= float(mags.kthvalue(mags.numel() - 300 + 1).values)
+
+
+def test_task_sft_is_difference_from_source_applied(tmp_path):
+    model = tagger()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # A fake source-language SFT on the word embeddings and one attention matrix.
+    g = torch.Generator().manual_seed(5)
+    src_diffs = {}
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        n = base[name].numel()
+        idx = torch.randperm(n, generator=g)[: n // 4].sort().values
+        src_diffs[name] = compsft.SparseDelta(tuple(base[name].shape), idx.int(), torch.randn(idx.numel(), generator=g))
+    source = compsft.SparseFineTuning(src_diffs, {}, compsft.SftConfig(kind="language", language="xxx"))
+    compsft.apply(model, source)
+    theta0_src = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuner = run_tuner(tmp_path, model)
+    sft = tuner.sft
+    # The model holds θ0 + φ_source + φ_task; the task SFT's values are the difference from θ0 + φ_source.
+    for name, d in sft.diffs.items():
+        flat = dict(model.named_parameters())[name].detach().reshape(-1)
+        idx = d.indices.long()
+        assert torch.equal(flat[idx], theta0_src[name].reshape(-1)[idx] + d.values)
+    # Its base fingerprint is the pretrained model's, not θ0 + φ_source.
+    from compsft import fingerprint as fp
+    for name in src_diffs:
+        if name in sft.diffs:
+            assert fp.compare(sft.config.base_fingerprint, name, tuple(base[name].shape),
+                              base[name].reshape(-1)[fp.sample_positions(base[name].numel())]) is None
+    # Saved and loaded, it applies onto a fresh base with the source SFT.
+    out = tmp_path / "task-sft"
+    tuner.save_sft(out)
+    loaded = compsft.load(out)
+    fresh = tagger()
+    compsft.apply(fresh, source)
+    compsft.apply(fresh, loaded, with_dense=True)
+    for name, p in fresh.named_parameters():
+        assert torch.allclose(p, dict(model.named_parameters())[name]), name
