@@ -23,7 +23,11 @@ app = typer.Typer(
 # Each module defines `register(app)`. Add a module here to add its commands.
 COMMAND_MODULES = (
     "compsft.commands.sft_files",
+    "compsft.commands.evaluate",
     "compsft.commands.languages",
+    "compsft.commands.models",
+    "compsft.commands.train",
+    "compsft.commands.demo",
 )
 
 
@@ -48,12 +52,7 @@ def main() -> None:
         # Standalone mode lets typer handle usage errors itself (exit 2 with a usage line); our own
         # exceptions pass through it and are shortened here.
         app()
-    except CompsftError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:
+    except (CompsftError, OSError) as err:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
