@@ -162,34 +162,33 @@ def print_row(r: dict) -> None:
 
 
 def files_to_composed(model, tmp: Path, reference: bool) -> None:
-    """The issue's case: language SFT 7,667,712 + task SFT 14,155,776 entries, files → composed model."""
+    """The issue's case: language SFT 7,667,712 + task SFT 14,155,776 entries, files -> composed model
+    (load both, apply both; the revert afterwards is not timed)."""
     lang, task = random_sft(model, 7_667_712, seed=2), random_sft(model, 14_155_776, seed=3)
     lang.save(tmp / "lang")
     task.save(tmp / "task")
-
-    def route():
-        sfts = [compsft.load(tmp / "lang"), compsft.load(tmp / "task")]
-        compsft.apply(model, *sfts)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        compsft.apply(model, compsft.load(tmp / "lang"), compsft.load(tmp / "task"))
+        times.append(time.perf_counter() - t)
         compsft.revert(model)
-
-    t = timed(route)
-    msg = f"files -> composed model (7.7M + 14.2M entries, load + apply): {t:.3f}s"
+    t = min(times)
+    msg = f"files -> composed model (7.7M + 14.2M entries, load + apply): best {t:.3f}s of 5 (all: {', '.join(f'{x:.2f}' for x in times)})"
     if reference:
         reference_save(lang, tmp / "lang.bin")
         reference_save(task, tmp / "task.bin")
-
-        def ref_route():
-            params = dict(model.named_parameters())
-            for f in ("lang.bin", "task.bin"):
-                for name, (idx, vals) in reference_load(tmp / f).items():
-                    p = params[name]
-                    p.data.view(-1)[idx] += vals
-            for f in ("lang.bin", "task.bin"):
-                for name, (idx, vals) in reference_load(tmp / f).items():
-                    params[name].data.view(-1)[idx] -= vals
-
-        t_ref = timed(ref_route, repeat=1)
-        msg += f"; reference-style route {t_ref:.2f}s (includes its revert) -> x{t_ref / t:.1f}"
+        params = dict(model.named_parameters())
+        theta0 = {n: p.detach().clone() for n, p in params.items()}
+        start = time.perf_counter()
+        for f in ("lang.bin", "task.bin"):
+            for name, (idx, vals) in reference_load(tmp / f).items():
+                params[name].data.view(-1)[idx] += vals
+        t_ref = time.perf_counter() - start
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta0[n])
+        msg += f"; reference-style route (pickle of index steps, load + add) {t_ref:.2f}s -> x{t_ref / t:.1f}"
     print(msg, flush=True)
 
 

@@ -177,12 +177,7 @@ def _task_data(ctx: Context):
 
 
 def _build_task_model(ctx: Context, spec, model_dir: Path, labels):
-    model = spec.build_model(model_dir, labels)
-    if getattr(model, "base_model", None) is None and hasattr(model, "encoder"):
-        # The biaffine parser is a plain nn.Module: give the trainer the encoder it looks for,
-        # outside the module registry so parameter names stay as they are.
-        object.__setattr__(model, "base_model", model.encoder)
-    return model.to(ctx.device)
+    return spec.build_model(model_dir, labels).to(ctx.device)
 
 
 def train_task_sft(ctx: Context, model_dir: Path, source_sft):
@@ -268,7 +263,6 @@ def evaluate_sfts(ctx: Context, model_dir: Path, model, labels, lang_sfts, task_
     from transformers import AutoTokenizer
 
     from . import apply, compose, revert
-    from .sft import SparseFineTuning
 
     stage = "evaluate SFTs"
     t0 = time.perf_counter()
@@ -292,8 +286,7 @@ def evaluate_sfts(ctx: Context, model_dir: Path, model, labels, lang_sfts, task_
     revert(model)
     target_sft = lang_sfts[ctx.target]
     # A language SFT's dense part is its MLM head, which has no place on a task model.
-    body = SparseFineTuning(target_sft.diffs, {}, target_sft.config)
-    composed = compose(body, task_sft)
+    composed = compose(target_sft, task_sft, with_dense=[False, True])
     composed.save(ctx.out / "sfts" / f"{ctx.target}-{ctx.config.task}-composed")
     apply(model, composed, with_dense=True)
     results["target"]["lt-sft"] = _evaluate(ctx, spec, model, tok, test, labels, f"{ctx.target}-test.lt-sft")

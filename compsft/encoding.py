@@ -63,12 +63,20 @@ def decode(low: np.ndarray, high: np.ndarray, n: int, universe: int, low_bits: i
         raise ValueError(f"high part has {high.size} bytes, expected {(nbits + 7) // 8}")
     bitmap = np.unpackbits(high, count=nbits, bitorder="little")
     positions = np.flatnonzero(bitmap)
+    del bitmap
     if positions.size != n:
         raise ValueError(f"high part encodes {positions.size} indices, expected {n}")
-    out = positions.astype(np.int64)
+    out = positions.astype(np.int64, copy=False)
     out -= np.arange(n, dtype=np.int64)
-    out <<= low_bits
-    for j in range(low_bits):
-        plane = np.unpackbits(low[j * plane_bytes:(j + 1) * plane_bytes], count=n, bitorder="little")
-        out |= plane.astype(np.int64) << j
+    if low_bits:
+        out <<= low_bits
+        # Assemble the low bits in the narrowest integer type that holds them: a cheap pass per plane.
+        acc = np.zeros(n, dtype=np.min_scalar_type((1 << low_bits) - 1))
+        for j in range(low_bits):
+            plane = np.unpackbits(low[j * plane_bytes:(j + 1) * plane_bytes], count=n, bitorder="little")
+            if j:
+                plane = plane.astype(acc.dtype, copy=False)
+                plane <<= j
+            acc |= plane
+        out |= acc
     return out

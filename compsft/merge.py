@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -48,6 +49,13 @@ def applied(model: torch.nn.Module) -> list[AppliedSft]:
 
 def _source(sft: SparseFineTuning) -> str:
     return getattr(sft, "source", None) or repr(sft)
+
+
+def _flags(with_dense: bool | Sequence[bool], count: int) -> list[bool]:
+    flags = [with_dense] * count if isinstance(with_dense, bool) else list(with_dense)
+    if len(flags) != count:
+        raise CompsftError(f"{count} SFTs but {len(flags)} with_dense flags")
+    return flags
 
 
 def _resolve(model: torch.nn.Module, table: dict[str, torch.nn.Parameter], name: str) -> str | None:
@@ -135,9 +143,7 @@ def apply(
         scales = [1.0] * len(sfts)
     if len(scales) != len(sfts):
         raise CompsftError(f"{len(sfts)} SFTs but {len(scales)} scales")
-    dense_flags = [with_dense] * len(sfts) if isinstance(with_dense, bool) else list(with_dense)
-    if len(dense_flags) != len(sfts):
-        raise CompsftError(f"{len(sfts)} SFTs but {len(dense_flags)} with_dense flags")
+    dense_flags = _flags(with_dense, len(sfts))
 
     table = dict(model.named_parameters(remove_duplicate=False))
     plan: list[tuple[torch.nn.Parameter, SparseDelta | None, torch.Tensor | None, float]] = []
@@ -169,30 +175,60 @@ def apply(
                 plan.append((param, None, tensor, 1.0))
 
     handle = AppliedSft(tuple(sfts))
-    try:
-        with torch.no_grad():
-            for param, delta, dense_value, scale in plan:
-                if delta is None:
-                    handle.touched.append(_Touched(param, None, param.detach().clone()))
-                    param.data.copy_(dense_value.to(param.device, param.dtype))
-                    continue
-                if delta.nnz == 0:
-                    continue
-                flat = param.data.view(-1)
-                idx = delta.indices.to(param.device, torch.int64, non_blocking=True)
-                original = flat.index_select(0, idx)
-                handle.touched.append(_Touched(param, idx, original))
-                # Add in at least fp32 so fp16/bf16 weights get one rounding, not two.
-                work = torch.promote_types(param.dtype, torch.float32)
-                values = delta.values.to(param.device, work, non_blocking=True)
-                if scale != 1.0:
-                    values = values * scale
-                flat.scatter_(0, idx, (original.to(work) + values).to(param.dtype))
-    except BaseException:
+    # One group per parameter, in plan order: SFTs touching the same tensor must be added one after
+    # the other (each keeps the originals it saw), different tensors are independent. On the CPU the
+    # groups run on all cores (torch releases the GIL); a failure undoes every group that ran.
+    groups: dict[int, list] = {}
+    for item in plan:
+        groups.setdefault(id(item[0]), []).append(item)
+    on_cpu = all(item[0].device.type == "cpu" for item in plan)
+    workers = max(1, torch.get_num_threads()) if on_cpu else 1
+    results: list[list[_Touched] | BaseException] = []
+    with torch.no_grad():
+        if workers > 1 and len(groups) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(_apply_group, groups.values()))
+        else:
+            for items in groups.values():
+                results.append(_apply_group(items))
+                if isinstance(results[-1], BaseException):
+                    break
+    for r in results:
+        if not isinstance(r, BaseException):
+            handle.touched.extend(r)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
         _undo(handle)
-        raise
+        raise failed
     _STACKS.setdefault(model, []).append(handle)
     return handle
+
+
+def _apply_group(items: list) -> list[_Touched] | BaseException:
+    """Apply the plan items of one parameter in order; on failure undo them and return the error."""
+    touched: list[_Touched] = []
+    try:
+        for param, delta, dense_value, scale in items:
+            if delta is None:
+                touched.append(_Touched(param, None, param.detach().clone()))
+                param.data.copy_(dense_value.to(param.device, param.dtype))
+                continue
+            if delta.nnz == 0:
+                continue
+            flat = param.data.view(-1)
+            idx = delta.indices.to(param.device, torch.int64, non_blocking=True)
+            original = flat.index_select(0, idx)
+            touched.append(_Touched(param, idx, original))
+            # Add in at least fp32 so fp16/bf16 weights get one rounding, not two.
+            work = torch.promote_types(param.dtype, torch.float32)
+            values = delta.values.to(param.device, work, non_blocking=True)
+            if scale != 1.0:
+                values = values * scale
+            flat.index_copy_(0, idx, (original.to(work) + values).to(param.dtype))
+    except BaseException as err:  # handed to the caller, which undoes every group and re-raises
+        _undo(AppliedSft((), touched))
+        return err
+    return touched
 
 
 def _undo(handle: AppliedSft) -> None:
@@ -201,7 +237,7 @@ def _undo(handle: AppliedSft) -> None:
             if t.indices is None:
                 t.param.data.copy_(t.original)
             else:
-                t.param.data.view(-1).scatter_(0, t.indices, t.original)
+                t.param.data.view(-1).index_copy_(0, t.indices, t.original)
 
 
 def revert(model: torch.nn.Module, handle: AppliedSft | None = None) -> None:
@@ -214,12 +250,21 @@ def revert(model: torch.nn.Module, handle: AppliedSft | None = None) -> None:
     _undo(stack.pop())
 
 
-def compose(*sfts: SparseFineTuning, scales: Sequence[float] | None = None) -> SparseFineTuning:
+def compose(
+    *sfts: SparseFineTuning,
+    scales: Sequence[float] | None = None,
+    with_dense: bool | Sequence[bool] = True,
+) -> SparseFineTuning:
     """One SFT equal to the sum of `sfts` (each times its scale): union of indices, summed values.
 
     The result's `overlap` attribute maps each tensor to the number of entries present in more
-    than one input; it is logged too. Dense parameters are merged; the same dense parameter in two
-    inputs is an error unless the tensors are equal.
+    than one input; it is logged too. Dense parameters are kept from the SFTs whose `with_dense`
+    flag is set (a language SFT's MLM head does not belong in a composition for a tagger); the
+    same dense parameter kept from two inputs is an error unless the tensors are equal.
+
+    Example::
+
+        tagger_sft = compose(lang_sft, task_sft, with_dense=[False, True])
     """
     if not sfts:
         return SparseFineTuning()
@@ -227,6 +272,7 @@ def compose(*sfts: SparseFineTuning, scales: Sequence[float] | None = None) -> S
         scales = [1.0] * len(sfts)
     if len(scales) != len(sfts):
         raise CompsftError(f"{len(sfts)} SFTs but {len(scales)} scales")
+    dense_flags = _flags(with_dense, len(sfts))
     vocabs = {str(s.config.vocab) for s in sfts if s.config.vocab}
     if len(vocabs) > 1:
         raise VocabularyMismatch("compose: the SFTs were trained with different vocabularies")
@@ -256,7 +302,9 @@ def compose(*sfts: SparseFineTuning, scales: Sequence[float] | None = None) -> S
         diffs[name] = SparseDelta(shape, idx.to(index_dtype(numel)), vals.to(parts[0][0].values.dtype))
 
     dense: dict[str, torch.Tensor] = {}
-    for s in sfts:
+    for s, keep in zip(sfts, dense_flags):
+        if not keep:
+            continue
         for name, t in s.dense.items():
             if name in dense and not torch.equal(dense[name], t):
                 raise CompsftError(f"compose: dense parameter {name!r} differs between the inputs")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 from pathlib import Path
@@ -159,7 +160,10 @@ def load_sft(directory: str | os.PathLike, device: torch.device | str = "cpu") -
         tensors = load_bytes(path.read_bytes())
     except Exception as err:
         raise CompsftError(f"{path}: corrupt or truncated safetensors file ({err})") from None
-    diffs = {name: _read_delta(tensors, path, name, e) for name, e in index.items()}
+    # numpy releases the GIL while decoding: decode tensors on all cores.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        decoded = pool.map(lambda item: _read_delta(tensors, path, *item), index.items())
+        diffs = dict(zip(index, decoded))
     dense = {name: tensors[f"dense/{name}"] for name in dense_names}
     sft = SparseFineTuning(diffs, dense, config)
     sft.validate(source=str(path))

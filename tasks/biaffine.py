@@ -88,6 +88,11 @@ class BiaffineParser(nn.Module):
         return getattr(self, self.base_model_prefix)
 
     @property
+    def base_model(self) -> nn.Module:
+        """The encoder, under the name `transformers` models use (the LT-SFT trainer looks for it)."""
+        return self.encoder
+
+    @property
     def labels(self) -> list[str]:
         return list(self.parser_config.labels)
 

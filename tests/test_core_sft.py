@@ -356,3 +356,13 @@ def test_base_fingerprint_sees_through_applied_sft(mlm):
     compsft.apply(mlm, random_sft(mlm, 0.9, seed=17, scale=3.0))
     assert base_fingerprint(mlm, names)["tensors"] == theta0["tensors"]
     assert fingerprint({n: p for n, p in mlm.named_parameters()}, names)["tensors"] != theta0["tensors"]
+
+
+def test_compose_dense_flags():
+    a = SparseFineTuning({"w": SparseDelta((4,), torch.tensor([1], dtype=torch.int32), torch.tensor([1.0]))},
+                         dense={"mlm_head": torch.ones(3)})
+    b = SparseFineTuning({}, dense={"classifier": torch.zeros(2)})
+    assert sorted(compsft.compose(a, b).dense) == ["classifier", "mlm_head"]
+    assert sorted(compsft.compose(a, b, with_dense=[False, True]).dense) == ["classifier"]
+    with pytest.raises(CompsftError, match="with_dense"):
+        compsft.compose(a, b, with_dense=[True])
