@@ -10,6 +10,11 @@ The public API is a few verbs::
     compsft.revert(model, handle)                    # bit-identical
     both = compsft.compose(lang, task)               # one SFT; both.overlap per tensor
     compsft.save(both, "sfts/mt-pos")
+
+Training (imported on first use, as it pulls in the `transformers` Trainer)::
+
+    compsft.train_language_sft("models/e5", "mlt", "sfts/mlt")
+    compsft.train_task_sft("pos", "models/e5", "ud:en_ewt:train", "sfts/pos", source_sft="sfts/eng")
 """
 from __future__ import annotations
 
@@ -31,12 +36,25 @@ def save(sft: SparseFineTuning, directory: str | Path, **kwargs) -> Path:
     return sft.save(directory, **kwargs)
 
 
+_LAZY = {"SparseFineTuner", "SftArguments", "train_language_sft", "train_task_sft"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'compsft' has no attribute {name!r}")
+
+
 __all__ = sorted([
     "AppliedSft",
     "CompsftError",
     "FingerprintMismatch",
     "SftConfig",
     "SparseDelta",
+    "SftArguments",
+    "SparseFineTuner",
     "SparseFineTuning",
     "VocabularyMismatch",
     "__version__",
@@ -46,4 +64,6 @@ __all__ = sorted([
     "load",
     "revert",
     "save",
+    "train_language_sft",
+    "train_task_sft",
 ])

@@ -11,37 +11,6 @@ from typing import List, Optional
 import typer
 
 
-def _training_args(work: Path, *, lr, batch_size, grad_accum, seed, save_steps, logging_steps,
-                   weight_decay, cpu):
-    import os
-
-    import torch
-    from transformers import TrainingArguments
-
-    use_cpu = cpu or not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return TrainingArguments(
-        output_dir=str(work), learning_rate=lr, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, seed=seed, save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500, save_total_limit=2, logging_steps=logging_steps, report_to=[],
-        weight_decay=weight_decay, use_cpu=use_cpu,
-        ddp_backend="gloo" if use_cpu and distributed else None, remove_unused_columns=False, dataloader_num_workers=0,
-        logging_strategy="steps",
-    )
-
-
-def _sft_args(kind, k, density, mask_strategy, mask_seed, phases, l1):
-    from compsft.training import SftArguments
-
-    (p1_epochs, p1_min, p1_max), (p2_epochs, p2_min, p2_max) = phases
-    return SftArguments(
-        sft_kind=kind, k=k, density=density, mask_strategy=mask_strategy, mask_seed=mask_seed,
-        full_ft_max_epochs=p1_epochs, full_ft_min_steps=p1_min, full_ft_max_steps=p1_max,
-        sparse_ft_max_epochs=p2_epochs, sparse_ft_min_steps=p2_min, sparse_ft_max_steps=p2_max,
-        full_l1_reg=l1, sparse_l1_reg=l1,
-    )
-
-
 def _report(tuner, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -111,60 +80,21 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work directory."),
         cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is there."),
     ) -> None:
-        """Train a language SFT by masked language modelling (LT-SFT)."""
-        import torch
-        from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed
+        """Train a language SFT by masked language modelling (LT-SFT).
 
-        from compsft.errors import CompsftError
-        from compsft.languages import corpus_files, eval_files, get_language, load_mlm_corpus, tokenize_for_mlm
-        from compsft.sft import SftConfig
-        from compsft.training import SparseFineTuner
-        from compsft.training.trainer import HEADS_FILE
+        Example: compsft train-language --model M --lang mlt --out sfts/mlt
+        """
+        from compsft.training.recipes import train_language_sft
 
-        _check_model_dir(model)
-        language = get_language(lang)
-        set_seed(seed)
-        texts = list(text) or corpus_files(language.code)
-        corpus = load_mlm_corpus(texts, exclude=[*eval_files(language.code), *exclude], max_lines=max_lines)
-        if len(corpus) == 0:
-            raise CompsftError(f"no MLM text left in {', '.join(map(str, texts))}")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=max_length)
-        mlm_model = AutoModelForMaskedLM.from_pretrained(model)
-        work = work_dir or out.with_name(out.name + ".work")
-        head_record = None
-        if train_head_steps and not (resume and (work / HEADS_FILE).exists()):
-            from compsft.models.mlm_head import train_mlm_head
-
-            if torch.cuda.is_available() and not cpu:
-                mlm_model.to("cuda")
-            head_record = train_mlm_head(mlm_model, tokenizer, corpus.lines, steps=train_head_steps,
-                                         max_length=max_length, seed=seed)
-        if static_masking:
-            from compsft.languages import eval_collator, mask_for_eval
-
-            dataset = mask_for_eval(dataset, tokenizer, mlm_probability=mlm_probability, seed=seed)
-            collator = eval_collator(tokenizer)
-        else:
-            from compsft.training.collators import ResumableMlmCollator
-
-            collator = ResumableMlmCollator(tokenizer, mlm_probability=mlm_probability, seed=seed)
-        args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                              save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                              cpu=cpu)
-        training = {"corpus": corpus.stats.as_dict(), "text": [str(t) for t in texts],
-                    "max_length": max_length, "mlm_probability": mlm_probability, "static_masking": static_masking}
-        if head_record:
-            training["mlm_head_warmup"] = head_record
-        config = SftConfig(kind="language", language=language.code, base_model=str(model),
-                           vocab=_vocab(tokenizer), training=training)
-        sft_args = _sft_args("language", k, density, mask_strategy, seed,
-                             ((full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
-                              (sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps)), l1)
-        tuner = SparseFineTuner(model=mlm_model, args=args, train_dataset=dataset, data_collator=collator,
-                                sft_args=sft_args, sft_config=config, mlm=True)
-        tuner.train(resume_from_checkpoint=resume)
-        tuner.save_sft(out)
+        tuner = train_language_sft(
+            model, lang, out, text=text, exclude=exclude, k=k, density=density, mask_strategy=mask_strategy,
+            phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
+            phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
+            l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+            mlm_probability=mlm_probability, static_masking=static_masking, max_lines=max_lines,
+            train_head_steps=train_head_steps, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
+            weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
+        )
         _report(tuner, out)
 
     @app.command("train-task")
@@ -203,68 +133,23 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work directory."),
         cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is there."),
     ) -> None:
-        """Train a task SFT with the source language SFT applied (LT-SFT)."""
-        from transformers import AutoTokenizer, set_seed
+        """Train a task SFT with the source language SFT applied (LT-SFT).
 
-        import compsft
-        from compsft.errors import CompsftError
-        from compsft.sft import SftConfig
-        from compsft.tasks import get_task, resolve_data
-        from compsft.training import SparseFineTuner
+        Example: compsft train-task --task pos --model M --train ud:en_ewt:train --source-sft sfts/eng --out sfts/pos
+        """
+        from compsft.training.recipes import train_task_sft
 
-        _check_model_dir(model)
-        spec = get_task(task)
-        set_seed(seed)
-        sentences = spec.read(resolve_data(train))
-        if max_sentences:
-            sentences = sentences[:max_sentences]
-        if not sentences:
-            raise CompsftError(f"{train}: no sentences")
-        labels = spec.label_list(sentences)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        task_model = spec.build_model(model, labels)
-        source = None
-        if source_sft is not None:
-            source = compsft.load(source_sft)
-            source.source = str(source_sft)
-            # A language SFT's dense part is its MLM head, which has no place on a task model.
-            compsft.apply(task_model, source, with_dense=False)
-        dataset = spec.encode(sentences, tokenizer, labels, max_length=max_length)
-        work = work_dir or out.with_name(out.name + ".work")
-        args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                              save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                              cpu=cpu)
-        training = {"labels": list(labels), "train": str(train), "sentences": len(sentences),
-                    "source_sft": str(source_sft) if source_sft else None,
-                    "source_language": source.config.language if source else None}
-        config = SftConfig(kind="task", task=task, base_model=str(model), vocab=_vocab(tokenizer), training=training)
-        sft_args = _sft_args("task", k, density, mask_strategy, seed,
-                             ((full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
-                              (sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps)), l1)
-        tuner = SparseFineTuner(model=task_model, args=args, train_dataset=dataset,
-                                data_collator=spec.collator(tokenizer), sft_args=sft_args, sft_config=config, mlm=False)
-        tuner.train(resume_from_checkpoint=resume)
-        if dev is not None and tuner.is_world_process_zero():
-            # The model now holds θ0 + φ_source + φ_task: the in-language dev score.
-            dev_sentences = spec.read(resolve_data(dev))
-            gold = spec.prepare_gold(dev_sentences, labels)
-            metrics, _ = spec.evaluate(task_model, tokenizer, gold, labels, max_length=max_length)
-            tuner.sft.config.training["dev"] = {"file": str(dev), "metrics": metrics}
+        tuner = train_task_sft(
+            task, model, train, out, dev=dev, source_sft=source_sft, k=k, density=density,
+            mask_strategy=mask_strategy,
+            phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
+            phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
+            l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+            max_sentences=max_sentences, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
+            weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
+        )
+        dev_metrics = tuner.sft.config.training.get("dev")
+        if dev_metrics and tuner.is_world_process_zero():
+            metrics = dev_metrics["metrics"]
             typer.echo(f"dev: {', '.join(f'{k}={v:.4f}' for k, v in metrics.items() if isinstance(v, float))}", err=True)
-        tuner.save_sft(out)
         _report(tuner, out)
-
-
-def _check_model_dir(model: Path) -> None:
-    from compsft.errors import CompsftError
-
-    if not model.is_dir() or not (model / "config.json").is_file():
-        raise CompsftError(f"{model}: not a model directory (no config.json)")
-
-
-def _vocab(tokenizer):
-    try:
-        from compsft.vocab import vocab_fingerprint
-    except ImportError:
-        return None
-    return vocab_fingerprint(tokenizer)
