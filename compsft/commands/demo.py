@@ -94,19 +94,29 @@ def register(app: typer.Typer) -> None:
         preset = "quick" if quick else "paper" if paper else "default"
         config = DemoConfig(out=str(out), task=task, target=target, preset=preset, device=device, seed=seed,
                             model=str(model) if model else None)
-        # The stages report through the bars; keep the libraries' INFO lines out of the way.
-        for name in ("compsft", "transformers", "datasets", "matplotlib"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         import transformers
 
-        # The load report of a tagger built from an MLM checkpoint (head missing, MLM head unused) is expected.
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        # The stages report through the bars; keep the libraries' INFO lines out of the way while the
+        # demo runs (and restore the levels after it: the command may run inside a larger program).
+        quiet = ("compsft", "transformers", "datasets", "matplotlib")
+        levels = {name: logging.getLogger(name).level for name in quiet}
+        hf_verbosity = transformers.utils.logging.get_verbosity()
         console = Console(stderr=True)
         columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[summary]}"))
-        with Progress(*columns, console=console) as progress:
-            report = run_demo(config, RichReporter(progress))
+        try:
+            for name in quiet:
+                logging.getLogger(name).setLevel(logging.WARNING)
+            # The load report of a tagger built from an MLM checkpoint (head missing, MLM head unused) is expected.
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+            with Progress(*columns, console=console) as progress:
+                report = run_demo(config, RichReporter(progress))
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            transformers.utils.logging.set_verbosity(hf_verbosity)
+            transformers.utils.logging.enable_progress_bar()
         Console().print(results_table(report))
         console.print(f"wrote {out / 'report.json'}, {out / 'plot.png'}, SFTs in {out / 'sfts'}, "
                       f"predictions in {out / 'predictions'}")
