@@ -126,3 +126,16 @@ def test_task_sft_is_difference_from_source_applied(tmp_path):
     compsft.apply(fresh, loaded, with_dense=True)
     for name, p in fresh.named_parameters():
         assert torch.allclose(p, dict(model.named_parameters())[name]), name
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    from compsft.training.trainer import last_complete_checkpoint
+
+    for step, complete in ((10, True), (20, True), (30, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+    assert last_complete_checkpoint(tmp_path / "checkpoint-30") is None

@@ -16,6 +16,8 @@ global batch does.
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -28,6 +30,9 @@ class MaskedPositionsOnly:
     def __init__(self, model: nn.Module) -> None:
         self._where = None
         self._scale = None
+        self._forward_takes_kwargs = any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()
+        )
         head = mlm_head_module(model)
         self.handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._model_hook, with_kwargs=True),
@@ -36,15 +41,18 @@ class MaskedPositionsOnly:
         ]
 
     def _model_hook(self, module, args, kwargs):
+        kwargs = dict(kwargs)
+        if self._forward_takes_kwargs:
+            items = kwargs.get("num_items_in_batch")
+        else:
+            items = kwargs.pop("num_items_in_batch", None)
         labels = kwargs.get("labels")
         if labels is None:
-            self._where = None
-            return None
+            self._where = self._scale = None
+            return args, kwargs
         where = labels != -100
         self._where = where
-        items = kwargs.get("num_items_in_batch")
         self._scale = None if items is None else where.sum() / items
-        kwargs = dict(kwargs)
         kwargs["labels"] = labels[where].unsqueeze(0)
         return args, kwargs
 

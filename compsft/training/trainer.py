@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
 from ..atomic import atomic_path
 from ..errors import CompsftError
@@ -43,6 +43,19 @@ logger = logging.getLogger(__name__)
 
 HEADS_FILE = "heads0.safetensors"
 MASK_FILE = "mask.safetensors"
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N` that was written to the end. The Trainer writes `trainer_state.json`
+    last, so a checkpoint cut short by a kill or a full disk lacks it and is skipped, not resumed from."""
+    done = []
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            done.append((int(step), path))
+    if not done:
+        return None
+    return str(max(done)[1])
 
 
 class _SftCallback(TrainerCallback):
@@ -79,6 +92,10 @@ class SparseFineTuner(Trainer):
         self.mlm = type(model).__name__.endswith("ForMaskedLM") if mlm is None else mlm
         if self.mlm:
             untie_output_embeddings(model)
+            # The MLM hooks turn the model's per-micro-batch mean into sum / num_items_in_batch, so
+            # the Trainer must hand num_items_in_batch over, also where forward() takes no **kwargs
+            # (transformers 4.57's BERT); the hook takes it out of the call again.
+            model.accepts_loss_kwargs = True
         eligible, heads = freeze_for_lt_sft(model, self.sft_args.freeze_layer_norm)
         if not self.mlm and type(model).__module__.startswith("transformers.") \
                 and not hasattr(model, "accepts_loss_kwargs"):
@@ -170,7 +187,7 @@ class SparseFineTuner(Trainer):
         except TypeError:  # an iterable data set: lengths in steps only
             steps_per_epoch = 0
         steps = self.sft_args.phase_steps(phase, steps_per_epoch)
-        checkpoint = get_last_checkpoint(str(phase_dir)) if resume and phase_dir.is_dir() else None
+        checkpoint = last_complete_checkpoint(phase_dir) if resume and phase_dir.is_dir() else None
         args.output_dir = str(phase_dir)
         args.max_steps = steps
         # A fresh optimizer and schedule per phase, and an unwrapped model: phase 2 has other parameters.
