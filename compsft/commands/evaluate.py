@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
             s.source = str(p)
             if s.config.task and s.config.task != task:
                 raise CompsftError(f"{p}: a task SFT for {s.config.task!r}, not {task!r}")
-        dense_flags = [s.config.kind == "task" for s in sfts]
+        # Heads come from task SFTs (and compositions that include one), never from language SFTs.
+        dense_flags = [s.config.kind in ("task", "composed") for s in sfts]
         # A model directory without a trained head (the bare pretrained model) gets its label list
         # from the task SFT, whose dense parameters then fill the head.
         hint = next((s.config.training.get("labels") for s in sfts if s.config.kind == "task"
@@ -81,7 +82,10 @@ def register(app: typer.Typer) -> None:
 
         started = time.perf_counter()
         if sfts:
-            compsft.apply(task_model, *sfts, with_dense=dense_flags, check_base=check_base)
+            from compsft.vocab import vocab_fingerprint
+
+            compsft.apply(task_model, *sfts, with_dense=dense_flags, check_base=check_base,
+                          vocab=vocab_fingerprint(tok))
         metrics, predictions = spec.evaluate(task_model, tok, gold, labels, batch_size=batch_size, max_length=max_length)
         seconds = time.perf_counter() - started
 
