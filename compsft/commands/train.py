@@ -6,7 +6,7 @@ mask, only rank 0 writes the SFT. `--resume` continues an interrupted run from i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -35,6 +35,20 @@ def _report(tuner, out: Path) -> None:
     console.print(table)
 
 
+# Options both commands take, defined once.
+Density = Annotated[Optional[float], typer.Option("--density", help="K as a fraction of the eligible parameters.")]
+MaskStrategy = Annotated[str, typer.Option("--mask-strategy",
+                                           help="lottery-ticket, random, magnitude or prune-difference.")]
+GradAccum = Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")]
+Seed = Annotated[int, typer.Option("--seed")]
+SaveSteps = Annotated[int, typer.Option("--save-steps", min=0, help="Checkpoint every N steps (0: never).")]
+LoggingSteps = Annotated[int, typer.Option("--logging-steps", min=1)]
+WeightDecay = Annotated[float, typer.Option("--weight-decay")]
+WorkDir = Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints (default: OUT.work).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its work directory.")]
+Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is there.")]
+
+
 def register(app: typer.Typer) -> None:
     common_phase = dict(min=0)
 
@@ -49,9 +63,8 @@ def register(app: typer.Typer) -> None:
                                                                  "trained on (the shipped dev/test sets of --lang are always excluded)."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
                                                                  "7,667,712 for mBERT, scaled to this model)."),
-        density: Optional[float] = typer.Option(None, "--density", help="K as a fraction of the eligible parameters."),
-        mask_strategy: str = typer.Option("lottery-ticket", "--mask-strategy",
-                                          help="lottery-ticket, random, magnitude or prune-difference."),
+        density: Density = None,
+        mask_strategy: MaskStrategy = "lottery-ticket",
         full_ft_max_epochs: Optional[float] = typer.Option(100.0, "--phase1-epochs", help="Phase 1 epochs (before min/max)."),
         full_ft_min_steps: Optional[int] = typer.Option(10_000, "--phase1-min-steps", **common_phase),
         full_ft_max_steps: Optional[int] = typer.Option(100_000, "--phase1-max-steps", **common_phase),
@@ -61,7 +74,7 @@ def register(app: typer.Typer) -> None:
         l1: float = typer.Option(0.1, "--l1", help="L1 pull toward θ0 in both phases (the paper's 0.1)."),
         lr: float = typer.Option(5e-5, "--lr", help="Learning rate (both phases)."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per device per step."),
-        grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
+        grad_accum: GradAccum = 1,
         max_length: int = typer.Option(256, "--max-length", min=8, help="Tokens per sequence."),
         mlm_probability: float = typer.Option(0.15, "--mlm-probability", help="Share of tokens masked."),
         static_masking: bool = typer.Option(False, "--static-masking",
@@ -72,13 +85,13 @@ def register(app: typer.Typer) -> None:
         train_head_steps: int = typer.Option(0, "--train-head-steps", min=0,
                                              help="First train the MLM head alone for this many steps "
                                                   "(for models without a pretrained MLM head)."),
-        seed: int = typer.Option(42, "--seed"),
-        save_steps: int = typer.Option(500, "--save-steps", min=0, help="Checkpoint every N steps (0: never)."),
-        logging_steps: int = typer.Option(50, "--logging-steps", min=1),
-        weight_decay: float = typer.Option(0.0, "--weight-decay"),
-        work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints (default: OUT.work)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work directory."),
-        cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is there."),
+        seed: Seed = 42,
+        save_steps: SaveSteps = 500,
+        logging_steps: LoggingSteps = 50,
+        weight_decay: WeightDecay = 0.0,
+        work_dir: WorkDir = None,
+        resume: Resume = False,
+        cpu: Cpu = False,
     ) -> None:
         """Train a language SFT by masked language modelling (LT-SFT).
 
@@ -109,9 +122,8 @@ def register(app: typer.Typer) -> None:
                                                                             "(without its MLM head) before training."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
                                                                  "14,155,776 for mBERT, scaled to this model)."),
-        density: Optional[float] = typer.Option(None, "--density", help="K as a fraction of the eligible parameters."),
-        mask_strategy: str = typer.Option("lottery-ticket", "--mask-strategy",
-                                          help="lottery-ticket, random, magnitude or prune-difference."),
+        density: Density = None,
+        mask_strategy: MaskStrategy = "lottery-ticket",
         full_ft_max_epochs: Optional[float] = typer.Option(3.0, "--phase1-epochs", help="Phase 1 epochs (before min/max)."),
         full_ft_min_steps: Optional[int] = typer.Option(None, "--phase1-min-steps", **common_phase),
         full_ft_max_steps: Optional[int] = typer.Option(None, "--phase1-max-steps", **common_phase),
@@ -121,17 +133,17 @@ def register(app: typer.Typer) -> None:
         l1: float = typer.Option(0.0, "--l1", help="L1 pull toward θ0 in both phases."),
         lr: float = typer.Option(5e-5, "--lr", help="Learning rate (both phases)."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sentences per device per step."),
-        grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
+        grad_accum: GradAccum = 1,
         max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Sub-words per window."),
         max_sentences: Optional[int] = typer.Option(None, "--max-sentences", min=1,
                                                     help="Use only the first N training sentences."),
-        seed: int = typer.Option(42, "--seed"),
-        save_steps: int = typer.Option(500, "--save-steps", min=0, help="Checkpoint every N steps (0: never)."),
-        logging_steps: int = typer.Option(50, "--logging-steps", min=1),
-        weight_decay: float = typer.Option(0.0, "--weight-decay"),
-        work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints (default: OUT.work)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work directory."),
-        cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is there."),
+        seed: Seed = 42,
+        save_steps: SaveSteps = 500,
+        logging_steps: LoggingSteps = 50,
+        weight_decay: WeightDecay = 0.0,
+        work_dir: WorkDir = None,
+        resume: Resume = False,
+        cpu: Cpu = False,
     ) -> None:
         """Train a task SFT with the source language SFT applied (LT-SFT).
 
