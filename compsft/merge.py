@@ -18,6 +18,7 @@ import torch
 from . import fingerprint as fp
 from .errors import CompsftError, FingerprintMismatch, VocabularyMismatch
 from .sft import SftConfig, SparseDelta, SparseFineTuning, index_dtype
+from .vocab import require_same_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -106,18 +107,6 @@ def _base_sample(model: torch.nn.Module, param: torch.Tensor, positions: torch.T
     return values
 
 
-def _check_vocab(sft: SparseFineTuning, vocab: dict | None) -> None:
-    want = sft.config.vocab
-    if vocab is None or not want:
-        return
-    if want.get("sha256") != vocab.get("sha256") or want.get("size") != vocab.get("size"):
-        raise VocabularyMismatch(
-            f"{_source(sft)}: trained with a vocabulary of {want.get('size')} pieces "
-            f"(sha256 {str(want.get('sha256'))[:12]}), the model's has {vocab.get('size')} "
-            f"(sha256 {str(vocab.get('sha256'))[:12]}); trim or convert the model the same way"
-        )
-
-
 def apply(
     model: torch.nn.Module,
     *sfts: SparseFineTuning,
@@ -150,7 +139,7 @@ def apply(
     # Validate everything first: no weight changes until every SFT is known to fit.
     for sft, scale, dense in zip(sfts, scales, dense_flags):
         src = _source(sft)
-        _check_vocab(sft, vocab)
+        require_same_vocab(sft.config.vocab, vocab, _source(sft))
         seen: dict[int, str] = {}
         expected = sft.config.base_fingerprint or {}
         for name, delta in sft.diffs.items():

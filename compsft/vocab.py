@@ -42,14 +42,19 @@ def vocab_fingerprint(tokenizer) -> dict:
 
 def check_vocab(recorded: dict | None, tokenizer, what: str = "this SFT") -> None:
     """Raise `VocabularyMismatch` when `recorded` (a fingerprint) is not `tokenizer`'s vocabulary."""
-    if not recorded:
+    if recorded:
+        require_same_vocab(recorded, vocab_fingerprint(tokenizer), what)
+
+
+def require_same_vocab(recorded: dict | None, actual: dict | None, what: str = "this SFT") -> None:
+    """Raise `VocabularyMismatch` unless two fingerprints agree (nothing to compare is no error)."""
+    if not recorded or not actual:
         return
-    actual = vocab_fingerprint(tokenizer)
-    if recorded.get("sha256") != actual["sha256"] or int(recorded.get("size", -1)) != actual["size"]:
+    if recorded.get("sha256") != actual.get("sha256") or int(recorded.get("size", -1)) != int(actual.get("size", -2)):
         raise VocabularyMismatch(
             f"{what} was trained with a vocabulary of {recorded.get('size')} pieces "
-            f"(sha256 {str(recorded.get('sha256'))[:12]}), but the model's tokenizer has {actual['size']} pieces "
-            f"(sha256 {actual['sha256'][:12]}); use the model (or trimmed model) it was trained on"
+            f"(sha256 {str(recorded.get('sha256'))[:12]}), but the model's tokenizer has {actual.get('size')} pieces "
+            f"(sha256 {str(actual.get('sha256'))[:12]}); use the model (or trimmed model) it was trained on"
         )
 
 

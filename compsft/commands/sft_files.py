@@ -140,21 +140,15 @@ def register(app: typer.Typer) -> None:
 
         sfts = [compsft.load(p) for p in sft]
         model = _load_model(base)
-        vocab = None
-        tokenizer = None
+        from transformers import AutoTokenizer
+
+        from ..vocab import vocab_fingerprint
+
         try:
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(base)
-        except Exception:  # a model directory without a tokenizer is fine
+        except Exception:  # a model directory without a tokenizer is fine: no vocabulary check then
             tokenizer = None
-        if tokenizer is not None:
-            try:
-                from ..vocab import vocab_fingerprint
-
-                vocab = vocab_fingerprint(tokenizer)
-            except ImportError:
-                vocab = None
+        vocab = vocab_fingerprint(tokenizer) if tokenizer is not None else None
         compsft.apply(model, *sfts, scales=scale, with_dense=with_dense, check_base=check_base, vocab=vocab)
         with atomic_path(out) as tmp:
             model.save_pretrained(tmp)

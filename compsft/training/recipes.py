@@ -230,8 +230,6 @@ def _check_model_dir(model: Path) -> None:
 
 
 def _vocab(tokenizer):
-    try:
-        from ..vocab import vocab_fingerprint
-    except ImportError:
-        return None
+    from ..vocab import vocab_fingerprint
+
     return vocab_fingerprint(tokenizer)
