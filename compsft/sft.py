@@ -27,6 +27,21 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite, in one vectorised pass in the common case.
+
+    A NaN or an infinity makes the sum NaN or infinite, so a finite sum proves every value finite;
+    a sum that overflowed (huge but finite values) falls back to the exact elementwise check. The
+    sum runs in the values' own precision (at least fp32): a float64 sum costs 30 times more here.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    work = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=work))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 @dataclass
 class SparseDelta:
     """The difference on one parameter: `values[i]` is added at flat row-major index `indices[i]`."""
@@ -65,9 +80,7 @@ class SparseDelta:
                 )
             if self.nnz > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise CompsftError(f"{where}: indices are not sorted and unique")
-            # A float64 sum is finite exactly when every value is (fp32/fp16 values cannot overflow
-            # it), and costs one pass without a boolean temporary.
-            if not bool(torch.isfinite(self.values.sum(dtype=torch.float64))):
+            if not all_finite(self.values):
                 raise CompsftError(f"{where}: values contain NaN or Inf")
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseDelta":
@@ -104,6 +117,9 @@ class SftConfig:
     dense_params: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     compsft_version: str = __version__
+    # xxh3-64 of the exact bytes of sft.safetensors, set when saving and verified when loading: it
+    # catches corruption and binds the config to its tensors (docs/FORMAT.md, "Integrity").
+    weights_checksum: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,8 +236,11 @@ class SparseFineTuning:
     def validate(self, source: str = "the SFT") -> None:
         for name, d in self.diffs.items():
             d.validate(name, source)
+        self.validate_dense(source)
+
+    def validate_dense(self, source: str = "the SFT") -> None:
         for name, t in self.dense.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise CompsftError(f"{source}, dense tensor {name!r}: contains NaN or Inf")
 
     def scaled(self, scale: float) -> "SparseFineTuning":
