@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from .errors import CompsftError
@@ -42,6 +43,14 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _strictly_increasing(idx: torch.Tensor) -> bool:
+    if idx.device.type == "cpu":
+        # numpy's comparison is several times faster than torch's here (one pass, no thread pool).
+        a = idx.numpy()
+        return bool(np.all(a[1:] > a[:-1]))
+    return bool((idx[1:] > idx[:-1]).all())
+
+
 @dataclass
 class SparseDelta:
     """The difference on one parameter: `values[i]` is added at flat row-major index `indices[i]`."""
@@ -58,8 +67,11 @@ class SparseDelta:
     def nnz(self) -> int:
         return int(self.indices.numel())
 
-    def validate(self, name: str, source: str = "the SFT") -> None:
-        """Raise CompsftError unless indices are sorted, unique, in range and values finite."""
+    def validate(self, name: str, source: str = "the SFT", check_order: bool = True) -> None:
+        """Raise CompsftError unless indices are sorted, unique, in range and values finite.
+
+        `check_order=False` skips the order and range checks, for indices whose decoder has checked them.
+        """
         where = f"{source}, tensor {name!r}"
         if self.indices.dim() != 1 or self.values.dim() != 1:
             raise CompsftError(f"{where}: indices and values must be 1-D")
@@ -71,17 +83,17 @@ class SparseDelta:
             raise CompsftError(f"{where}: indices must be int32 or int64, got {self.indices.dtype}")
         if not self.values.is_floating_point():
             raise CompsftError(f"{where}: values must be floating point, got {self.values.dtype}")
-        if self.nnz:
+        if self.nnz and check_order:
             idx = self.indices
             if int(idx[0]) < 0 or int(idx[-1]) >= self.numel:
                 raise CompsftError(
                     f"{where}: index out of range for shape {list(self.shape)} "
                     f"(min {int(idx.min())}, max {int(idx.max())}, numel {self.numel})"
                 )
-            if self.nnz > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            if self.nnz > 1 and not _strictly_increasing(idx):
                 raise CompsftError(f"{where}: indices are not sorted and unique")
-            if not all_finite(self.values):
-                raise CompsftError(f"{where}: values contain NaN or Inf")
+        if self.nnz and not all_finite(self.values):
+            raise CompsftError(f"{where}: values contain NaN or Inf")
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseDelta":
         return SparseDelta(self.shape, self.indices.to(device), self.values.to(device=device, dtype=dtype))

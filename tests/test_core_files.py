@@ -296,3 +296,28 @@ def test_fuzz_generator_is_deterministic(tmp_path):
     a = fuzz.mutate(random.Random(1), bases[0], tmp_path / "a", "index-field")
     b = fuzz.mutate(random.Random(1), bases[0], tmp_path / "b", "index-field")
     assert a == b and (tmp_path / "a" / WEIGHTS_NAME).read_bytes() == (tmp_path / "b" / WEIGHTS_NAME).read_bytes()
+
+
+# -- the Elias-Fano decoder checks order and range itself ----------------------------------------------
+def test_elias_fano_decoder_rejects_disorder_and_overflow():
+    from compsft import encoding
+
+    idx = np.array([16, 17, 40, 41, 200], dtype=np.int64)
+    low, high, l = encoding.encode(idx, 256)
+    assert l == 5 and np.array_equal(encoding.decode(low, high, 5, 256, l), idx)
+    swapped = low.copy()
+    swapped[0] ^= 0b11  # bit 0 of positions 0 and 1: 16, 17 become 17, 16 (same bucket, wrong order)
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        encoding.decode(swapped, high, 5, 256, l)
+    # A high bitmap whose last set bit is the very last one decodes past the universe.
+    nbits = encoding.high_bitmap_length(5, 256, l)
+    bits = np.zeros(nbits, np.uint8)
+    bits[[0, 2, 4, 6, nbits - 1]] = 1
+    late = np.packbits(bits, bitorder="little")
+    with pytest.raises(ValueError, match="out of range"):
+        encoding.decode(np.zeros_like(low), late, 5, 256, l)
+    # Chunk boundaries: a long run decodes identically whatever the chunk size.
+    rng = np.random.default_rng(0)
+    many = np.sort(rng.choice(10**6, 200_003, replace=False)).astype(np.int64)
+    parts = encoding.encode(many, 10**6)
+    assert np.array_equal(encoding.decode(parts[0], parts[1], many.size, 10**6, parts[2]), many)
