@@ -21,6 +21,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save as save_bytes
 
@@ -252,13 +253,16 @@ def _check_header(path: Path, meta: dict, table: dict[str, schema.TensorInfo]
     return index, dense
 
 
-def _read_file(path: Path) -> bytearray:
-    """The whole file in one sequential read into a writable buffer (tensors become views of it)."""
+def _read_file(path: Path) -> np.ndarray:
+    """The whole file in one sequential read into a writable buffer (tensors become views of it).
+
+    An uninitialised numpy buffer, not a bytearray: bytearray(n) writes n zeros first, which cost
+    as much as the read itself."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)
-            got = f.readinto(buf)
+            buf = np.empty(size, dtype=np.uint8)
+            got = f.readinto(memoryview(buf))
     except OSError as err:
         raise CompsftError(f"{path}: cannot read ({err})") from None
     if got != size:
@@ -266,14 +270,14 @@ def _read_file(path: Path) -> bytearray:
     return buf
 
 
-def _view(buf: bytearray, start: int, end: int, dtype: str, shape: list[int]) -> torch.Tensor:
+def _view(buf: np.ndarray, start: int, end: int, dtype: str, shape: list[int]) -> torch.Tensor:
     tdtype = TORCH_DTYPES[dtype]
     count = (end - start) // tdtype.itemsize
     if count == 0:
         return torch.empty(shape, dtype=tdtype)
     if start % tdtype.itemsize:
         # Misaligned (files written by safetensors never are): copy rather than view.
-        return torch.frombuffer(bytearray(buf[start:end]), dtype=tdtype).reshape(shape)
+        return torch.frombuffer(bytearray(buf[start:end].tobytes()), dtype=tdtype).reshape(shape)
     t = torch.frombuffer(buf, dtype=tdtype, count=count, offset=start).reshape(shape)
     if sys.byteorder == "big":  # the format is little-endian
         t = torch.from_numpy(t.numpy().byteswap())
