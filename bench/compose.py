@@ -1,32 +1,33 @@
 """Benchmark: SFT files and composition on BERT-base- and XLM-R-base-sized random models.
 
-Prints, per model size and density: save time, bytes per non-zero (fp32 and fp16 values), load time,
-apply+revert time, and ratios against yardsticks measured in the same run:
+The headline is the issue's case, from files to a composed model: load a language SFT (7,667,712
+entries) and a task SFT (14,155,776 entries) and apply both onto the 277.5M-parameter XLM-R-base-shaped
+model. Its yardstick, measured in the same run and interleaved with it, cannot flatter: a plain
+`index_add_` of the same entries, already decoded (int64 indices, fp32 values, in memory). Printed:
+yardstick, load, apply, load + apply, their ratio, and what the checksum verified on load costs.
 
-* a naive dense route (densify each difference, add it to the weight, subtract it again);
-* the reference implementation's file route (a `torch.save` pickle of Python lists of index steps,
-  read back and decoded the way it does) for save and load.
+`--table` adds, per model size and density: save time, bytes per non-zero (fp32 and fp16 values), load
+time, apply + revert time, and a naive dense route (densify each difference, add it, subtract it).
 
-Then the issue's headline case: from files to a composed model for a language SFT (7.7M) and a task
-SFT (14.2M) on the 277.5M model. Run on CPU; on CUDA too when there is one::
-
-    python bench/compose.py                 # both sizes, K = 0.5% and 5%
-    python bench/compose.py --sizes xlmr --reference
+    python bench/compose.py                  # the headline case, best of 5 and range
+    python bench/compose.py --table          # plus the per-size table (BERT-base, XLM-R-base; 0.5%, 5%)
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
-import compsft  # noqa: E402
-from compsft.sft import SparseDelta, SparseFineTuning  # noqa: E402
+import compsft
+from compsft.fingerprint import fingerprint
+from compsft.serialization import WEIGHTS_NAME, file_checksum
+from compsft.sft import SparseDelta, SparseFineTuning
 
 SIZES = {
     "bert": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -34,6 +35,7 @@ SIZES = {
     "xlmr": dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1),
 }
+LANGUAGE_K, TASK_K = 7_667_712, 14_155_776  # the paper's K (MAD-X adapter sizes)
 
 
 def random_model(size: str, device: str) -> torch.nn.Module:
@@ -61,23 +63,24 @@ def random_sft(model: torch.nn.Module, k_total: int, seed: int) -> SparseFineTun
         idx = idx[torch.randperm(idx.numel(), generator=g)[:k]].sort().values
         diffs[name] = SparseDelta(tuple(p.shape), idx.int(), torch.randn(idx.numel(), generator=g) * 1e-3)
     base = {n: p.detach().cpu() for n, p in eligible}
-    from compsft.fingerprint import fingerprint
-
     sft = SparseFineTuning(diffs)
     sft.config.base_fingerprint = fingerprint(base, diffs)
     return sft
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeat: int = 3) -> float:
     best = float("inf")
     for _ in range(repeat):
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -87,7 +90,7 @@ def dir_bytes(d: Path) -> int:
 
 
 def dense_route(model: torch.nn.Module, sft: SparseFineTuning) -> None:
-    """The yardstick: densify each difference, add, subtract."""
+    """Densify each difference, add, subtract."""
     params = dict(model.named_parameters())
     for name, d in sft.diffs.items():
         p = params[name]
@@ -97,120 +100,105 @@ def dense_route(model: torch.nn.Module, sft: SparseFineTuning) -> None:
         p.data -= dense.view_as(p)
 
 
-# -- the reference implementation's file route, reproduced as a yardstick --------------------------
-def reference_save(sft: SparseFineTuning, path: Path) -> None:
-    diffs = {}
-    for name, d in sft.diffs.items():
-        idx = d.indices.long().numpy()
-        steps = np.diff(idx, prepend=0).tolist()  # a Python list of ints, as the reference stores them
-        diffs[name] = {"size": torch.Size(d.shape), "index_steps": steps, "values": d.values}
-    torch.save({"diffs": diffs, "abs": {}}, path)
-
-
-def reference_load(path: Path) -> dict:
-    data = torch.load(path, weights_only=True)
-    out = {}
-    for name, enc in data["diffs"].items():
-        idx = torch.tensor(enc["index_steps"], dtype=torch.int64).cumsum(0)
-        out[name] = (idx, enc["values"])
-    return out
-
-
-def run_case(model, size: str, density: float, tmp: Path, reference: bool, rows: list) -> None:
+def run_case(model, size: str, density: float, tmp: Path) -> None:
     n_eligible = sum(p.numel() for n, p in model.named_parameters() if "LayerNorm" not in n)
-    k = int(n_eligible * density)
-    sft = random_sft(model, k, seed=1)
+    sft = random_sft(model, int(n_eligible * density), seed=1)
     d32, d16 = tmp / f"{size}-{density}-f32", tmp / f"{size}-{density}-f16"
     t_save = timed(lambda: sft.save(d32), repeat=2)
     sft.save(d16, dtype=torch.float16)
     t_load = timed(lambda: compsft.load(d32))
     loaded = compsft.load(d32)
-    device = next(model.parameters()).device
 
     def apply_revert():
-        h = compsft.apply(model, loaded)
-        compsft.revert(model, h)
+        compsft.revert(model, compsft.apply(model, loaded))
 
     t_apply = timed(apply_revert)
     t_dense = timed(lambda: dense_route(model, loaded))
-    row = {
-        "model": size, "device": str(device), "params": sum(p.numel() for p in model.parameters()),
-        "k": sft.k, "density": density,
-        "save_s": t_save, "load_s": t_load, "apply_revert_s": t_apply, "dense_route_s": t_dense,
-        "bytes_per_nz_f32": dir_bytes(d32) / sft.k, "bytes_per_nz_f16": dir_bytes(d16) / sft.k,
-    }
-    if reference:
-        ref = tmp / f"{size}-{density}-ref.bin"
-        row["ref_save_s"] = timed(lambda: reference_save(sft, ref), repeat=1)
-        row["ref_load_s"] = timed(lambda: reference_load(ref), repeat=1)
-        row["ref_bytes_per_nz"] = ref.stat().st_size / sft.k
-        ref.unlink()
-    rows.append(row)
-    print_row(row)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{size:5s} {next(model.parameters()).device.type:5s} {params / 1e6:6.1f}M  K={sft.k / 1e6:6.2f}M "
+          f"({density:.1%})  save {t_save:.3f}s  load {t_load:.3f}s  apply+revert {t_apply:.3f}s  "
+          f"dense route {t_dense:.3f}s (x{t_dense / t_apply:.1f})  "
+          f"bytes/nz f32 {dir_bytes(d32) / sft.k:.2f} f16 {dir_bytes(d16) / sft.k:.2f}", flush=True)
 
 
-def print_row(r: dict) -> None:
-    line = (f"{r['model']:5s} {r['device']:5s} {r['params'] / 1e6:6.1f}M  K={r['k'] / 1e6:6.2f}M ({r['density']:.1%})  "
-            f"save {r['save_s']:.3f}s  load {r['load_s']:.3f}s  apply+revert {r['apply_revert_s']:.3f}s  "
-            f"dense route {r['dense_route_s']:.3f}s (x{r['dense_route_s'] / r['apply_revert_s']:.1f})  "
-            f"bytes/nz f32 {r['bytes_per_nz_f32']:.2f} f16 {r['bytes_per_nz_f16']:.2f}")
-    if "ref_save_s" in r:
-        line += (f"\n      reference file route: save {r['ref_save_s']:.2f}s (x{r['ref_save_s'] / r['save_s']:.0f} slower), "
-                 f"load {r['ref_load_s']:.2f}s (x{r['ref_load_s'] / r['load_s']:.0f} slower), "
-                 f"{r['ref_bytes_per_nz']:.2f} bytes/nz")
-    print(line, flush=True)
-
-
-def files_to_composed(model, tmp: Path, reference: bool) -> None:
-    """The issue's case: language SFT 7,667,712 + task SFT 14,155,776 entries, files -> composed model
-    (load both, apply both; the revert afterwards is not timed)."""
-    lang, task = random_sft(model, 7_667_712, seed=2), random_sft(model, 14_155_776, seed=3)
+def files_to_composed(model, tmp: Path, repeat: int) -> None:
+    """Files -> composed model for the paper's K, against the index_add_ yardstick in the same run."""
+    lang, task = random_sft(model, LANGUAGE_K, seed=2), random_sft(model, TASK_K, seed=3)
     lang.save(tmp / "lang")
     task.save(tmp / "task")
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        compsft.apply(model, compsft.load(tmp / "lang"), compsft.load(tmp / "task"))
-        times.append(time.perf_counter() - t)
+    params = dict(model.named_parameters())
+    decoded = [(params[n].data.view(-1), d.indices.to(params[n].device, torch.int64), d.values.to(params[n].device))
+               for sft in (lang, task) for n, d in sft.diffs.items()]
+    del lang, task
+    yard, load, appl, total, check = [], [], [], [], []
+    for _ in range(repeat):
+        gc.collect()
+        sync()
+        t0 = time.perf_counter()
+        for flat, idx, vals in decoded:
+            flat.index_add_(0, idx, vals)
+        sync()
+        yard.append(time.perf_counter() - t0)
+        for flat, idx, vals in decoded:  # back to θ0 (approximately: timings only), untimed
+            flat.index_add_(0, idx, vals, alpha=-1)
+        gc.collect()
+        sync()
+        t0 = time.perf_counter()
+        a, b = compsft.load(tmp / "lang"), compsft.load(tmp / "task")
+        sync()
+        t1 = time.perf_counter()
+        compsft.apply(model, a, b)
+        sync()
+        t2 = time.perf_counter()
+        load.append(t1 - t0)
+        appl.append(t2 - t1)
+        total.append(t2 - t0)
         compsft.revert(model)
-    t = min(times)
-    msg = f"files -> composed model (7.7M + 14.2M entries, load + apply): best {t:.3f}s of 5 (all: {', '.join(f'{x:.2f}' for x in times)})"
-    if reference:
-        reference_save(lang, tmp / "lang.bin")
-        reference_save(task, tmp / "task.bin")
-        params = dict(model.named_parameters())
-        theta0 = {n: p.detach().clone() for n, p in params.items()}
-        start = time.perf_counter()
-        for f in ("lang.bin", "task.bin"):
-            for name, (idx, vals) in reference_load(tmp / f).items():
-                params[name].data.view(-1)[idx] += vals
-        t_ref = time.perf_counter() - start
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(theta0[n])
-        msg += f"; reference-style route (pickle of index steps, load + add) {t_ref:.2f}s -> x{t_ref / t:.1f}"
-    print(msg, flush=True)
+        del a, b
+        blobs = [(tmp / d / WEIGHTS_NAME).read_bytes() for d in ("lang", "task")]
+        t0 = time.perf_counter()
+        for blob in blobs:
+            file_checksum(blob)
+        check.append(time.perf_counter() - t0)
+        del blobs
+
+    def fmt(xs: list[float]) -> str:
+        return f"best {min(xs):.3f}s (range {min(xs):.3f}-{max(xs):.3f}, median {statistics.median(xs):.3f})"
+
+    print(f"files -> composed model, language {LANGUAGE_K:,} + task {TASK_K:,} entries, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {repeat} runs:")
+    print(f"  yardstick (index_add_ of decoded entries) {fmt(yard)}")
+    print(f"  load (both files, checksum + validation)   {fmt(load)}")
+    print(f"    of which checksum (xxh3-64)             {fmt(check)}  = {min(check) / min(load):.0%} of best load")
+    print(f"  apply (both SFTs)                         {fmt(appl)}")
+    print(f"  load + apply                              {fmt(total)}")
+    ratios = [t / y for t, y in zip(total, yard)]
+    print(f"  ratio load+apply / yardstick: best-to-best x{min(total) / min(yard):.2f}; "
+          f"per run x{min(ratios):.2f}-x{max(ratios):.2f}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", action="store_true", help="also the per-size table of save/load/apply")
     ap.add_argument("--sizes", nargs="+", default=["bert", "xlmr"], choices=sorted(SIZES))
     ap.add_argument("--densities", nargs="+", type=float, default=[0.005, 0.05])
-    ap.add_argument("--reference", action="store_true", help="also time the reference implementation's file route")
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, devices {args.devices}")
-    rows: list = []
     with tempfile.TemporaryDirectory() as tmp:
         for device in args.devices:
-            for size in args.sizes:
-                model = random_model(size, device)
-                for density in args.densities:
-                    run_case(model, size, density, Path(tmp), args.reference, rows)
-                if size == "xlmr":
-                    files_to_composed(model, Path(tmp), args.reference)
-                del model
-                gc.collect()
+            if args.table:
+                for size in args.sizes:
+                    model = random_model(size, device)
+                    for density in args.densities:
+                        run_case(model, size, density, Path(tmp))
+                    del model
+                    gc.collect()
+            model = random_model("xlmr", device)
+            files_to_composed(model, Path(tmp), args.repeat)
+            del model
+            gc.collect()
 
 
 if __name__ == "__main__":

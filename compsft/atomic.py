@@ -5,7 +5,10 @@ A crash, a full disk or a kill in the middle of a write leaves the previous cont
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,7 +34,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.umask(umask)
             os.chmod(target, 0o777 & ~umask)
         if path.is_dir() and not path.is_symlink():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            if _exchange(target, path):
+                return  # `target` now holds the old directory; the finally clause removes it
+            # os.replace cannot replace a non-empty directory: move the old one aside first (a
+            # reader may then briefly find no directory, but never a mixture of old and new).
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "payload")
             try:
@@ -44,6 +50,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` in one atomic step (Linux renameat2 with RENAME_EXCHANGE).
+
+    False where the system or the file system cannot (then the caller falls back to two renames).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (musl before 1.2.5, old glibc)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -26,11 +26,22 @@ logger = logging.getLogger(__name__)
 LEGACY_NAME = "pytorch_diff.bin"
 
 
+def _multiarray():
+    """numpy's multiarray module: `numpy._core` from numpy 2 on, `numpy.core` before (pyproject admits 1.24)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:
+        from numpy.core import multiarray
+    return multiarray
+
+
 def _numpy_globals() -> list:
     """The numpy objects a legacy file may reference: the scalar constructor and plain dtypes."""
-    from numpy._core import multiarray
-
-    allowed: list = [np.dtype, (multiarray.scalar, "numpy.core.multiarray.scalar"), multiarray.scalar]
+    multiarray = _multiarray()
+    # Files name the scalar constructor by the module of the numpy that wrote them: numpy.core in
+    # numpy 1, numpy._core in numpy 2. Admit both names, whichever numpy reads them.
+    allowed: list = [np.dtype, multiarray.scalar, (multiarray.scalar, "numpy.core.multiarray.scalar"),
+                     (multiarray.scalar, "numpy._core.multiarray.scalar")]
     for kind in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
                  np.float16, np.float32, np.float64, np.bool_):
         allowed.append(type(np.dtype(kind)))

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForTokenClassification
 import compsft
 from compsft import encoding
 from compsft.errors import CompsftError, FingerprintMismatch, VocabularyMismatch
-from compsft.serialization import CONFIG_NAME, WEIGHTS_NAME
+from compsft.serialization import CONFIG_NAME, WEIGHTS_NAME, file_checksum
 from compsft.sft import SftConfig, SparseDelta, SparseFineTuning
 
 
@@ -190,6 +190,12 @@ def test_nan_in_file_names_tensor(tmp_path):
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["sparse/w/values"] = torch.tensor([float("nan")])
     save_file(tensors, str(tmp_path / "s" / WEIGHTS_NAME), metadata=meta)
+    with pytest.raises(CompsftError, match="checksum mismatch"):
+        compsft.load(tmp_path / "s")
+    # A crafted file with a matching checksum is still validated value by value.
+    cfg = json.loads((tmp_path / "s" / CONFIG_NAME).read_text())
+    cfg["weights_checksum"] = file_checksum((tmp_path / "s" / WEIGHTS_NAME).read_bytes())
+    (tmp_path / "s" / CONFIG_NAME).write_text(json.dumps(cfg))
     with pytest.raises(CompsftError, match="'w'.*NaN"):
         compsft.load(tmp_path / "s")
 
@@ -203,7 +209,7 @@ def test_failed_save_keeps_previous_file(tmp_path, mlm, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ser, "save_file", boom)
+    monkeypatch.setattr(ser, "_write_synced", boom)
     with pytest.raises(OSError):
         random_sft(mlm, 0.1, seed=6).save(tmp_path / "s")
     assert (tmp_path / "s" / WEIGHTS_NAME).read_bytes() == before
