@@ -102,7 +102,11 @@ def compose_model(base: Path, sfts: list, scales=None, with_dense: Optional[bool
                                "re-convert it with `compsft convert ... --labels`")
         # pos and ner share one model class (token classification): a converted head without a task
         # name is built as one.
-        model = get_task(task or "pos").build_model(base, labels)
+        try:
+            model = get_task(task or "pos").build_model(base, labels)
+        except RuntimeError as err:  # transformers refuses a head of another size in --base
+            raise CompsftError(f"--base: {base} cannot take a head for {len(labels)} labels ({str(err)[:200]}); "
+                               "compose onto the pretrained model the SFTs were trained from") from None
     else:
         model = load_model_by_architecture(base, "--base")
     vocab = vocab_fingerprint(tokenizer) if tokenizer is not None else None
