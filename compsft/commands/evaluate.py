@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         spec = get_task(task)
         data_file = resolve_data(data)
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        local_dir(model, "--model", need=None)
+        local_dir(model, "--model")
         if tokenizer is not None:
             local_dir(tokenizer, "--tokenizer", need=None)
         if not data_file.is_file():
