@@ -10,16 +10,18 @@ followed by the steps between consecutive indices.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .errors import CompsftError
-from .sft import SftConfig, SparseDelta, SparseFineTuning, index_dtype
+from .sft import KINDS, SftConfig, SparseDelta, SparseFineTuning, index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +78,28 @@ def fortran_to_row_major(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray
     return np.ravel_multi_index(coords, shape, order="C")
 
 
-def convert_legacy(path: str | os.PathLike) -> SparseFineTuning:
-    """Build a SparseFineTuning from a reference-implementation file (indices re-ordered row-major)."""
+def convert_legacy(
+    path: str | os.PathLike,
+    base: str | os.PathLike | torch.nn.Module | None = None,
+    *,
+    kind: str | None = None,
+    task: str | None = None,
+    language: str | None = None,
+    labels: Sequence[str] | None = None,
+) -> SparseFineTuning:
+    """Build a SparseFineTuning from a reference-implementation file (indices re-ordered row-major).
+
+    With `base` (the model directory the SFT was trained from, or the model itself) every tensor's
+    shape is checked against it and its fingerprint is recorded, so that applying the result to
+    another model is refused as for any compsft SFT; without it the result has no fingerprint and
+    applying it warns. `kind` defaults from the dense part (`abs`): a `classifier` head makes a task
+    SFT, an MLM head (`cls.`, `lm_head`) a language SFT. A task SFT's label list (id order) comes
+    from `labels`, else from a `config.json` next to the file (`id2label`).
+
+    Example::
+
+        sft = convert_legacy("old/pos-sft", base="models/mbert", task="pos", labels=upos_labels)
+    """
     data = read_legacy(path)
     diffs: dict[str, SparseDelta] = {}
     for name, enc in data["diffs"].items():
@@ -104,8 +126,74 @@ def convert_legacy(path: str | os.PathLike) -> SparseFineTuning:
         if not isinstance(t, torch.Tensor):
             raise CompsftError(f"{path}, dense tensor {name!r}: not a tensor")
         dense[name] = t
-    config = SftConfig(kind="other", training={"converted_from": str(path), "converter": "compsft.legacy"})
+    kind = kind or ("task" if task else _kind_from_heads(dense))
+    if kind not in KINDS:
+        raise CompsftError(f"kind must be one of {KINDS}, got {kind!r}")
+    training: dict = {"converted_from": str(path), "converter": "compsft.legacy"}
+    if kind == "task":
+        labels = list(labels) if labels else _labels_next_to(path)
+        if labels:
+            _check_label_count(path, dense, labels)
+            training["labels"] = labels
+        else:
+            logger.warning("%s: a task SFT without a label list; pass labels (--labels) so that a model composed "
+                           "from it can name its predictions", path)
+    config = SftConfig(kind=kind, task=task, language=language, training=training)
     sft = SparseFineTuning(diffs, dense, config)
     sft.validate(source=str(path))
-    logger.info("converted %s: %d tensors, k=%s, %d dense", path, len(diffs), f"{sft.k:,}", len(dense))
+    if base is not None:
+        _bind_to_base(sft, base, str(path))
+    logger.info("converted %s: %d tensors, k=%s, %d dense, %s", path, len(diffs), f"{sft.k:,}", len(dense),
+                f"fingerprint of {sft.config.base_model}" if base is not None else "no base fingerprint (no base given)")
     return sft
+
+
+def _kind_from_heads(dense: dict) -> str:
+    """The reference stores the trained head in `abs`: a classifier for a task, the MLM head for a language."""
+    if any(name.split(".")[0] == "classifier" for name in dense):
+        return "task"
+    if any(name.startswith(("cls.", "lm_head.")) for name in dense):
+        return "language"
+    return "other"
+
+
+def _labels_next_to(path: str | os.PathLike) -> list[str] | None:
+    """The label list of a `config.json` (`id2label`) saved next to the reference file, if there is one."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        id2label = json.loads(config_file.read_text(encoding="utf-8")).get("id2label") or {}
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (ValueError, AttributeError, TypeError, KeyError) as err:
+        raise CompsftError(f"{config_file}: unreadable id2label ({err})") from None
+    if not labels or all(label.startswith("LABEL_") for label in labels):
+        return None
+    return labels
+
+
+def _check_label_count(path, dense: dict, labels: list[str]) -> None:
+    head = next((t for n, t in dense.items() if n.split(".")[0] == "classifier" and n.endswith("weight")), None)
+    if head is not None and head.dim() == 2 and head.shape[0] != len(labels):
+        raise CompsftError(f"{path}: the classifier head has {head.shape[0]} outputs but {len(labels)} labels were given")
+
+
+def _bind_to_base(sft: SparseFineTuning, base, source: str) -> None:
+    """Check every tensor's shape against `base` and record its fingerprint (and vocabulary, if it has a tokenizer)."""
+    from .merge import base_fingerprint, check_fits
+
+    model, vocab = base, None
+    if not isinstance(base, torch.nn.Module):
+        from .paths import load_model_by_architecture, load_tokenizer
+        from .vocab import vocab_fingerprint
+
+        model = load_model_by_architecture(base, "--base")
+        tokenizer = load_tokenizer(base, "--base", required=False)
+        vocab = vocab_fingerprint(tokenizer) if tokenizer is not None else None
+        sft.config.base_model = str(base)
+    else:
+        sft.config.base_model = getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__
+    check_fits(model, sft, source)
+    sft.config.base_fingerprint = base_fingerprint(model, sft.diffs.keys())
+    sft.config.vocab = vocab

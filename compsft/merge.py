@@ -8,6 +8,7 @@ model untouched.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,11 +53,84 @@ def _source(sft: SparseFineTuning) -> str:
     return getattr(sft, "source", None) or repr(sft)
 
 
-def _flags(with_dense: bool | Sequence[bool], count: int) -> list[bool]:
-    flags = [with_dense] * count if isinstance(with_dense, bool) else list(with_dense)
+# -- the one rule for dense parameters ----------------------------------------------------------
+# A task SFT's dense part is its trained head (a tagger's classifier, the parser's scorers): without
+# it the task model predicts at random, so it is applied by default. A language SFT's dense part is
+# its MLM head, which has no place on a task model: applied only when asked. `apply`, `compose`,
+# `compsft compose` and `compsft evaluate` all resolve `with_dense` here.
+
+
+def _parts(sft: SparseFineTuning) -> list[dict]:
+    training = sft.config.training if isinstance(sft.config.training, dict) else {}
+    return [p for p in training.get("composed_from") or () if isinstance(p, dict)]
+
+
+def _task_part(part: dict) -> bool:
+    return part.get("kind") == "task" or bool(part.get("task"))
+
+
+def carries_task(sft: SparseFineTuning) -> bool:
+    """True for a task SFT and for a composition that took in a task SFT (at any depth)."""
+    config = sft.config
+    if config.kind == "task":
+        return True
+    return config.kind == "composed" and (bool(config.task) or any(_task_part(p) for p in _parts(sft)))
+
+
+def dense_by_kind(sft: SparseFineTuning) -> bool:
+    """Whether `sft`'s dense parameters are applied when the caller does not say: heads of task SFTs
+    (and of compositions that kept a task SFT's head) yes, heads of language SFTs (the MLM head) no."""
+    if sft.config.kind == "composed":
+        # Files composed before the flag was recorded kept every input's head ("dense" missing).
+        return any(_task_part(p) and p.get("dense", True) for p in _parts(sft))
+    return carries_task(sft)
+
+
+def resolve_with_dense(sfts: Sequence[SparseFineTuning], with_dense: bool | None | Sequence[bool | None]) -> list[bool]:
+    """One flag per SFT: `with_dense` for all or one by one; None (the default) means by kind.
+
+    Example::
+
+        resolve_with_dense([lang_sft, task_sft], None)          # [False, True]
+        resolve_with_dense([lang_sft, task_sft], [True, None])  # [True, True]: MLM head asked for
+    """
+    count = len(sfts)
+    if with_dense is None or isinstance(with_dense, bool):
+        flags = [with_dense] * count
+    else:
+        flags = list(with_dense)
     if len(flags) != count:
         raise CompsftError(f"{count} SFTs but {len(flags)} with_dense flags")
-    return flags
+    return [dense_by_kind(s) if f is None else bool(f) for s, f in zip(sfts, flags)]
+
+
+def task_labels(sfts: Sequence[SparseFineTuning]) -> tuple[str | None, list[str] | None]:
+    """(task, labels) of the task head among `sfts` (task SFTs and compositions of one), or (None, None)."""
+    for s in sfts:
+        if carries_task(s):
+            labels = s.config.training.get("labels") if isinstance(s.config.training, dict) else None
+            return s.config.task, (list(labels) if labels else None)
+    return None, None
+
+
+class UnverifiedBaseWarning(UserWarning):
+    """An SFT records no base-model fingerprint for some tensors, so its base cannot be checked."""
+
+
+# SFTs already warned about, so the warning comes once per SFT object, not once per apply or tensor.
+_WARNED: "weakref.WeakSet[SparseFineTuning]" = weakref.WeakSet()
+
+
+def _warn_unverified(sft: SparseFineTuning, src: str, unchecked: int, total: int) -> None:
+    if sft in _WARNED:
+        return
+    _WARNED.add(sft)
+    what = "records no base-model fingerprint" if unchecked == total else \
+        f"records no base-model fingerprint for {unchecked} of its {total} tensors"
+    message = (f"{src}: this SFT {what}, so compsft cannot check that it was trained from this model "
+               f"(a file converted without --base?). Re-convert it with `compsft convert OLD NEW --base MODEL`.")
+    logger.warning(message)
+    warnings.warn(message, UnverifiedBaseWarning, stacklevel=3)
 
 
 def _resolve(model: torch.nn.Module, table: dict[str, torch.nn.Parameter], name: str) -> str | None:
@@ -111,20 +185,22 @@ def apply(
     model: torch.nn.Module,
     *sfts: SparseFineTuning,
     scales: Sequence[float] | None = None,
-    with_dense: bool | Sequence[bool] = False,
+    with_dense: bool | None | Sequence[bool | None] = None,
     check_base: bool = True,
     vocab: dict | None = None,
 ) -> AppliedSft:
     """Add `sfts` (each times its scale) onto `model` in place, on the model's device.
 
     `with_dense` says, for all SFTs or one by one, whether their dense parameters (trained heads)
-    are copied in; a language SFT's MLM head should not be. `check_base=False` skips the base
-    fingerprint check; `vocab` (from `compsft.vocab.vocab_fingerprint`) enables the vocabulary
-    check. Returns a handle; `revert(model)` undoes the most recent apply.
+    are copied in; None (the default) decides by kind (`dense_by_kind`): a task SFT's head is, a
+    language SFT's MLM head is not. `check_base=False` skips the base fingerprint check (an SFT
+    without a fingerprint is applied with a warning, once); `vocab` (from
+    `compsft.vocab.vocab_fingerprint`) enables the vocabulary check. Returns a handle;
+    `revert(model)` undoes the most recent apply.
 
     Example::
 
-        handle = apply(model, lang_sft, task_sft, with_dense=[False, True])
+        handle = apply(model, lang_sft, task_sft)   # the task head, not the MLM head
         ...
         revert(model, handle)
     """
@@ -132,7 +208,7 @@ def apply(
         scales = [1.0] * len(sfts)
     if len(scales) != len(sfts):
         raise CompsftError(f"{len(sfts)} SFTs but {len(scales)} scales")
-    dense_flags = _flags(with_dense, len(sfts))
+    dense_flags = resolve_with_dense(sfts, with_dense)
 
     table = dict(model.named_parameters(remove_duplicate=False))
     plan: list[tuple[torch.nn.Parameter, SparseDelta | None, torch.Tensor | None, float]] = []
@@ -142,6 +218,8 @@ def apply(
         require_same_vocab(sft.config.vocab, vocab, _source(sft))
         seen: dict[int, str] = {}
         expected = sft.config.base_fingerprint or {}
+        recorded = expected.get("tensors", {}) if isinstance(expected, dict) else {}
+        unchecked = 0
         for name, delta in sft.diffs.items():
             param = _target(model, table, src, "tensor", name, delta.shape)
             if id(param) in seen:
@@ -149,6 +227,8 @@ def apply(
                 logger.warning("%s: %r and %r are tied in the model; applying only the first", src, seen[id(param)], name)
                 continue
             seen[id(param)] = name
+            if name not in recorded:
+                unchecked += 1
             if check_base and expected:
                 pos = fp.sample_positions(param.numel())
                 reason = fp.compare(expected, name, tuple(param.shape), _base_sample(model, param, pos))
@@ -158,6 +238,8 @@ def apply(
                         f"({sft.config.base_model!r}); pass check_base=False (--no-check-base) to apply anyway"
                     )
             plan.append((param, delta, None, scale))
+        if check_base and unchecked:
+            _warn_unverified(sft, src, unchecked, len(seen))
         if dense:
             for name, tensor in sft.dense.items():
                 param = _target(model, table, src, "dense tensor", name, tensor.shape)
@@ -242,18 +324,20 @@ def revert(model: torch.nn.Module, handle: AppliedSft | None = None) -> None:
 def compose(
     *sfts: SparseFineTuning,
     scales: Sequence[float] | None = None,
-    with_dense: bool | Sequence[bool] = True,
+    with_dense: bool | None | Sequence[bool | None] = None,
 ) -> SparseFineTuning:
     """One SFT equal to the sum of `sfts` (each times its scale): union of indices, summed values.
 
     The result's `overlap` attribute maps each tensor to the number of entries present in more
     than one input; it is logged too. Dense parameters are kept from the SFTs whose `with_dense`
-    flag is set (a language SFT's MLM head does not belong in a composition for a tagger); the
-    same dense parameter kept from two inputs is an error unless the tensors are equal.
+    flag is set; None (the default) decides by kind, as `apply` does: a task SFT's head is kept, a
+    language SFT's MLM head is not. The same dense parameter kept from two inputs is an error unless
+    the tensors are equal. A composition that took in a task SFT records that task and its labels,
+    so its head is applied by default too.
 
     Example::
 
-        tagger_sft = compose(lang_sft, task_sft, with_dense=[False, True])
+        tagger_sft = compose(lang_sft, task_sft)    # the task head, not the MLM head
     """
     if not sfts:
         return SparseFineTuning()
@@ -261,7 +345,7 @@ def compose(
         scales = [1.0] * len(sfts)
     if len(scales) != len(sfts):
         raise CompsftError(f"{len(sfts)} SFTs but {len(scales)} scales")
-    dense_flags = _flags(with_dense, len(sfts))
+    dense_flags = resolve_with_dense(sfts, with_dense)
     vocabs = {str(s.config.vocab) for s in sfts if s.config.vocab}
     if len(vocabs) > 1:
         raise VocabularyMismatch("compose: the SFTs were trained with different vocabularies")
@@ -304,24 +388,43 @@ def compose(
         merged_print = {"method": prints[0]["method"], "tensors": {}}
         for p in prints:
             merged_print["tensors"].update(p.get("tensors", {}))
+    task, labels = task_labels(sfts)
+    training: dict = {
+        "composed_from": [
+            {"kind": s.config.kind, "language": s.config.language, "task": s.config.task, "k": s.k, "scale": sc,
+             "dense": keep}
+            for s, sc, keep in zip(sfts, scales, dense_flags)
+        ]
+    }
+    if labels:
+        training["labels"] = labels  # the head's label map travels with the composition
     config = SftConfig(
         kind="composed",
+        task=task,
         base_model=sfts[0].config.base_model,
         base_fingerprint=merged_print,
         vocab=sfts[0].config.vocab,
         num_eligible=sfts[0].config.num_eligible,
-        training={
-            "composed_from": [
-                {"kind": s.config.kind, "language": s.config.language, "task": s.config.task, "k": s.k, "scale": sc}
-                for s, sc in zip(sfts, scales)
-            ]
-        },
+        training=training,
     )
     out = SparseFineTuning(diffs, dense, config)
     out.overlap = overlap
     total = sum(overlap.values())
     logger.info("compose: %d SFTs, k=%s, %s entries overlap", len(sfts), f"{out.k:,}", f"{total:,}")
     return out
+
+
+def check_fits(model: torch.nn.Module, sft: SparseFineTuning, source: str | None = None) -> None:
+    """A CompsftError naming the tensor unless every sparse tensor of `sft` is a parameter of `model`
+    with the same shape; dense tensors are checked where the model has them (a task head is new on a
+    masked-LM base model)."""
+    src = source or _source(sft)
+    table = dict(model.named_parameters(remove_duplicate=False))
+    for name, delta in sft.diffs.items():
+        _target(model, table, src, "tensor", name, delta.shape)
+    for name, tensor in sft.dense.items():
+        if _resolve(model, table, name) is not None:
+            _target(model, table, src, "dense tensor", name, tensor.shape)
 
 
 def base_fingerprint(model: torch.nn.Module, names) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -148,18 +149,20 @@ class BiaffineParser(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
 
     def save_pretrained(self, directory: str | Path, **kwargs) -> None:
-        """Write the encoder with `save_pretrained`, then the head and its config (each atomically)."""
+        """Write the encoder (`save_pretrained`), the head and its config into `directory`, atomically as a
+        whole: a crash leaves the previous parser complete, never a new encoder beside an old head."""
         from safetensors.torch import save_file
 
-        from compsft.atomic import atomic_path, write_text
+        from compsft.atomic import atomic_path
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(directory, **kwargs)
-        with atomic_path(directory / HEAD_FILE) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}, str(tmp),
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            self.encoder.save_pretrained(tmp, **kwargs)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}, str(tmp / HEAD_FILE),
                       metadata={"format": "pt"})
-        write_text(directory / CONFIG_FILE, json.dumps(asdict(self.parser_config), indent=2) + "\n")
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.parser_config), indent=2) + "\n", encoding="utf-8")
+            _keep_other_files(directory, tmp)
 
     @classmethod
     def from_encoder(cls, model_dir: str | Path, labels: Sequence[str], **config) -> "BiaffineParser":
@@ -197,6 +200,27 @@ class BiaffineParser(nn.Module):
                                    f"expected {list(expected[name].shape)}")
         model.load_state_dict(state, strict=False)
         return model
+
+
+# Files a parser save writes (or that an older save of other weights may have left): never carried over.
+_OWN_FILES = re.compile(r"^(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+                        r"(\.index\.json)?|" + re.escape(HEAD_FILE) + "|" + re.escape(CONFIG_FILE) + ")$")
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Copy what else `old` holds (a tokenizer saved there first) into `new`, so replacing the directory
+    as a whole loses nothing but the previous parser."""
+    import shutil
+
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if _OWN_FILES.match(entry.name) or (new / entry.name).exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def load_encoder(model_dir: str | Path) -> nn.Module:

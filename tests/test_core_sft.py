@@ -368,7 +368,7 @@ def test_compose_dense_flags():
     a = SparseFineTuning({"w": SparseDelta((4,), torch.tensor([1], dtype=torch.int32), torch.tensor([1.0]))},
                          dense={"mlm_head": torch.ones(3)})
     b = SparseFineTuning({}, dense={"classifier": torch.zeros(2)})
-    assert sorted(compsft.compose(a, b).dense) == ["classifier", "mlm_head"]
+    assert sorted(compsft.compose(a, b, with_dense=True).dense) == ["classifier", "mlm_head"]
     assert sorted(compsft.compose(a, b, with_dense=[False, True]).dense) == ["classifier"]
     with pytest.raises(CompsftError, match="with_dense"):
         compsft.compose(a, b, with_dense=[True])

@@ -50,12 +50,16 @@ def register(app: typer.Typer) -> None:
         from compsft.errors import CompsftError
         from compsft.tasks import get_task, resolve_data
 
+        from compsft.merge import resolve_with_dense, task_labels
+        from compsft.paths import load_tokenizer, local_dir
+
         console = Console(stderr=True)
         spec = get_task(task)
         data_file = resolve_data(data)
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if not model.is_dir():
-            raise CompsftError(f"{model}: not a model directory")
+        local_dir(model, "--model")
+        if tokenizer is not None:
+            local_dir(tokenizer, "--tokenizer", need=None)
         if not data_file.is_file():
             raise CompsftError(f"{data_file}: no such file")
 
@@ -64,18 +68,16 @@ def register(app: typer.Typer) -> None:
             s.source = str(p)
             if s.config.task and s.config.task != task:
                 raise CompsftError(f"{p}: a task SFT for {s.config.task!r}, not {task!r}")
-        # Heads come from task SFTs (and compositions that include one), never from language SFTs.
-        dense_flags = [s.config.kind in ("task", "composed") for s in sfts]
+        # The one rule (compsft.merge.dense_by_kind): heads of task SFTs (and of compositions that
+        # kept one), never the MLM head of a language SFT.
+        dense_flags = resolve_with_dense(sfts, None)
         # A model directory without a trained head (the bare pretrained model) gets its label list
         # from the task SFT, whose dense parameters then fill the head.
-        hint = next((s.config.training.get("labels") for s in sfts if s.config.kind == "task"
-                     and s.config.training.get("labels")), None)
+        hint = task_labels(sfts)[1]
         task_model, labels = _load_model(spec, model, hint)
         task_model.to(dev)
 
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer or model)
+        tok = load_tokenizer(tokenizer or model, "--tokenizer" if tokenizer else "--model")
         options = {"keep_subtypes": keep_subtypes} if task in ("pos", "dep") else {"format": ner_format}
         sentences = spec.read(data_file, **options)
         gold = spec.prepare_gold(sentences, labels)

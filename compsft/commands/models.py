@@ -56,8 +56,10 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Where to write the trimmed model directory")],
     ) -> None:
         """Keep only the pieces the texts use (plus single characters and special tokens)."""
+        from ..paths import local_dir
         from ..vocab import read_text_lines, trim_vocab
 
+        local_dir(model, "--model")
         summary = trim_vocab(model, out, texts=read_text_lines(text))
         before, after = summary["before"], summary["after"]
         _print_summary(f"trimmed {model}", [

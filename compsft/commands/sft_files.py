@@ -71,21 +71,47 @@ def sft_info(path: Path) -> dict:
     }
 
 
-def _load_model(model_dir: Path):
-    """Load a model directory with the class its config names (falls back to AutoModel)."""
-    import transformers
-    from transformers import AutoConfig, AutoModel
+def compose_model(base: Path, sfts: list, scales=None, with_dense: Optional[bool] = None, check_base: bool = True):
+    """The base model with `sfts` applied, as the model to write: the task's model (head and label map)
+    when a task SFT's head is applied, else the base's own class (a masked LM for language SFTs).
+
+    Returns (model, tokenizer or None).
+    """
+    import compsft
 
     from ..errors import CompsftError
+    from ..merge import carries_task, resolve_with_dense, task_labels
+    from ..paths import load_model_by_architecture, load_tokenizer, local_dir
+    from ..vocab import vocab_fingerprint
 
-    if not (model_dir / "config.json").is_file():
-        raise CompsftError(f"{model_dir}: not a model directory (no config.json)")
-    config = AutoConfig.from_pretrained(model_dir)
-    for arch in config.architectures or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls.from_pretrained(model_dir)
-    return AutoModel.from_pretrained(model_dir)
+    local_dir(base, "--base")
+    flags = resolve_with_dense(sfts, with_dense)
+    heads = [s for s, keep in zip(sfts, flags) if keep and carries_task(s) and s.dense]
+    # A model directory without a tokenizer is fine: no vocabulary check then.
+    tokenizer = load_tokenizer(base, "--base", required=False)
+    if heads:
+        from ..tasks import get_task
+
+        tasks = {s.config.task for s in heads}
+        if len(tasks) > 1:
+            raise CompsftError(f"--sft: heads of several tasks ({', '.join(sorted(map(str, tasks)))}) cannot make one model")
+        task, labels = task_labels(heads)
+        source = getattr(heads[0], "source", None) or "the task SFT"
+        if not labels:
+            raise CompsftError(f"{source}: a task SFT without a label list (training.labels); "
+                               "re-convert it with `compsft convert ... --labels`")
+        # pos and ner share one model class (token classification): a converted head without a task
+        # name is built as one.
+        try:
+            model = get_task(task or "pos").build_model(base, labels)
+        except RuntimeError as err:  # transformers refuses a head of another size in --base
+            raise CompsftError(f"--base: {base} cannot take a head for {len(labels)} labels ({str(err)[:200]}); "
+                               "compose onto the pretrained model the SFTs were trained from") from None
+    else:
+        model = load_model_by_architecture(base, "--base")
+    vocab = vocab_fingerprint(tokenizer) if tokenizer is not None else None
+    compsft.apply(model, *sfts, scales=scales, with_dense=flags, check_base=check_base, vocab=vocab)
+    return model, tokenizer
 
 
 def register(app: typer.Typer) -> None:
@@ -127,10 +153,17 @@ def register(app: typer.Typer) -> None:
         sft: Annotated[list[Path], typer.Option(help="SFT directory; repeat to compose several")],
         out: Annotated[Path, typer.Option(help="Where to write the merged model")],
         scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --sft (default 1.0 each)")] = None,
-        with_dense: Annotated[bool, typer.Option(help="Also copy the SFTs' dense parameters (heads) in")] = False,
+        with_dense: Annotated[Optional[bool], typer.Option(
+            "--with-dense/--no-dense",
+            help="Copy every SFT's dense parameters (heads) in, or none. Default: by kind — a task SFT's "
+                 "head yes, a language SFT's MLM head no")] = None,
         check_base: Annotated[bool, typer.Option(help="Check the base-model fingerprint")] = True,
     ) -> None:
-        """Add SFTs onto a base model and write the merged model (safetensors).
+        """Add SFTs onto a base model and write the merged model (safetensors, with the tokenizer).
+
+        With a task SFT the result is the task's model, head and label map included (load it with
+        AutoModelForTokenClassification for pos/ner, or compsft.tasks.get_task("dep").load_model);
+        with language SFTs only, the base model's own class (a masked LM).
 
         Example: compsft compose --base models/e5 --sft runs/mt-language --sft runs/pos-task --out merged/
         """
@@ -138,35 +171,49 @@ def register(app: typer.Typer) -> None:
 
         from ..atomic import atomic_path
 
-        sfts = [compsft.load(p) for p in sft]
-        model = _load_model(base)
-        from transformers import AutoTokenizer
-
-        from ..vocab import vocab_fingerprint
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(base)
-        except Exception:  # a model directory without a tokenizer is fine: no vocabulary check then
-            tokenizer = None
-        vocab = vocab_fingerprint(tokenizer) if tokenizer is not None else None
-        compsft.apply(model, *sfts, scales=scale, with_dense=with_dense, check_base=check_base, vocab=vocab)
+        sfts = []
+        for p in sft:
+            loaded = compsft.load(p)
+            loaded.source = str(p)
+            sfts.append(loaded)
+        model, tokenizer = compose_model(base, sfts, scales=scale, with_dense=with_dense, check_base=check_base)
         with atomic_path(out) as tmp:
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        typer.echo(f"wrote {out} ({len(sfts)} SFT(s), k={sum(s.k for s in sfts):,})")
+        typer.echo(f"wrote {out}: {type(model).__name__} ({len(sfts)} SFT(s), k={sum(s.k for s in sfts):,})")
 
     @app.command()
     def convert(
         old_dir: Annotated[Path, typer.Argument(help="Reference-implementation SFT directory (pytorch_diff.bin)")],
         new_dir: Annotated[Path, typer.Argument(help="Where to write the compsft SFT")],
+        base: Annotated[Optional[Path], typer.Option(
+            help="The model directory the SFT was trained from: checks every tensor's shape and records its "
+                 "fingerprint (without it the SFT cannot be checked when applied)")] = None,
+        kind: Annotated[Optional[str], typer.Option(
+            help="language, task or other (default: from the dense part: a classifier head is a task SFT, "
+                 "an MLM head a language SFT)")] = None,
+        task: Annotated[Optional[str], typer.Option(help="Task of a task SFT: pos, dep or ner")] = None,
+        lang: Annotated[Optional[str], typer.Option("--lang", help="Language code of a language SFT")] = None,
+        labels: Annotated[Optional[str], typer.Option(
+            help="A task SFT's labels in id order, comma-separated (default: id2label of a config.json "
+                 "next to pytorch_diff.bin)")] = None,
     ) -> None:
         """Convert a composable-sft `pytorch_diff.bin` without executing any code from it.
 
-        Example: compsft convert old/mt-sft runs/mt-language
+        Example: compsft convert old/pos-sft runs/pos-task --base models/mbert --task pos --labels NOUN,VERB,...
         """
         from ..legacy import convert_legacy
 
-        converted = convert_legacy(old_dir)
+        if task is not None:
+            from ..tasks import get_task
+
+            get_task(task)  # an unknown task name is an error naming the known ones
+        label_list = [x.strip() for x in labels.split(",")] if labels else None
+        if label_list is not None and not all(label_list):
+            raise typer.BadParameter("empty label in the list", param_hint="--labels")
+        converted = convert_legacy(old_dir, base, kind=kind, task=task, language=lang, labels=label_list)
         converted.save(new_dir)
-        typer.echo(f"wrote {new_dir}: {len(converted.diffs)} tensors, k={converted.k:,}, {len(converted.dense)} dense")
+        typer.echo(f"wrote {new_dir}: {converted.config.kind} SFT, {len(converted.diffs)} tensors, k={converted.k:,}, "
+                   f"{len(converted.dense)} dense, "
+                   + (f"base fingerprint of {base}" if base is not None else "no base fingerprint (no --base)"))
