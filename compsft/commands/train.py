@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         exclude: List[Path] = typer.Option([], "--exclude", help="Evaluation files whose sentences must not be "
                                                                  "trained on (the shipped dev/test sets of --lang are always excluded)."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
-                                                                 "7,667,712 for mBERT, scaled to this model)."),
+                                                                 "(L + 1)·h² for L layers of width h; 7,667,712 for mBERT)."),
         density: Density = None,
         mask_strategy: MaskStrategy = "lottery-ticket",
         full_ft_max_epochs: Optional[float] = typer.Option(100.0, "--phase1-epochs", help="Phase 1 epochs (before min/max)."),
@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
         source_sft: Optional[Path] = typer.Option(None, "--source-sft", help="Source-language SFT, applied "
                                                                             "(without its MLM head) before training."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
-                                                                 "14,155,776 for mBERT, scaled to this model)."),
+                                                                 "2·L·h² for L layers of width h; 14,155,776 for mBERT)."),
         density: Density = None,
         mask_strategy: MaskStrategy = "lottery-ticket",
         full_ft_max_epochs: Optional[float] = typer.Option(3.0, "--phase1-epochs", help="Phase 1 epochs (before min/max)."),
