@@ -1,19 +1,24 @@
 """The language catalogue: codes, names, scripts, the MLM text shipped for each language, and the
 evaluation sets the tasks package ships for it.
 
-Languages are looked up by ISO 639-3 code, ISO 639-1 code or a listed alias, case-insensitively
+The catalogue supplies defaults, never a gate: a language SFT trains for any code given raw text
+(`language_for_training`). Languages are looked up by ISO 639-3 code, ISO 639-1 code or a listed alias, case-insensitively
 (`get_language("mt")`, `get_language("MLT")` and `get_language("Maltese")` are the same entry).
 Shipped MLM text lives in `languages/data/<code>/` (gzip, one sentence per line, already
 normalised, deduplicated and cleaned of the evaluation sentences named in `data/README.md`).
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compsft.errors import CompsftError
 
+logger = logging.getLogger(__name__)
+
+ISO_639_3 = re.compile(r"[a-z]{3}")
 _EVAL_SPLIT = re.compile(r"(^|[-_.])(dev|test)([-_.]|$)")
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -131,13 +136,46 @@ def languages() -> tuple[Language, ...]:
     return _LANGUAGES
 
 
+def find_language(code: str) -> Language | None:
+    """The catalogue entry for an ISO 639-3 or 639-1 code, alias or English name, or None."""
+    return _BY_KEY.get(code.strip().casefold())
+
+
 def get_language(code: str) -> Language:
     """Look a language up by ISO 639-3 or 639-1 code, alias or English name (case-insensitive)."""
-    lang = _BY_KEY.get(code.strip().casefold())
+    lang = find_language(code)
     if lang is None:
         known = ", ".join(lang.code for lang in _LANGUAGES)
         raise CompsftError(f"unknown language {code!r}; the catalogue has: {known}")
     return lang
+
+
+def language_for_training(code: str, has_text: bool) -> tuple[str, Language | None]:
+    """The code a language SFT records, and its catalogue entry if it has one.
+
+    A catalogue language is recorded by its ISO 639-3 code and supplies its shipped text and the
+    evaluation files kept out of training. Any other code trains too, given text (`has_text`): a
+    well-formed ISO 639-3 code (three lowercase letters) silently, anything else with a warning.
+
+    >>> language_for_training("mt", has_text=False)[0]
+    'mlt'
+    >>> language_for_training("fao", has_text=True)
+    ('fao', None)
+    """
+    lang = find_language(code)
+    if lang is not None:
+        return lang.code, lang
+    code = code.strip()
+    if not code:
+        raise CompsftError("the language code is empty; give an ISO 639-3 code such as 'fao'")
+    if not has_text:
+        raise CompsftError(f"{code!r} is not in the catalogue, so compsft ships no text for it: give its raw text "
+                           f"with --text FILE (plain text, one sentence or paragraph a line; repeatable). "
+                           f"Catalogue languages: {', '.join(lang.code for lang in _LANGUAGES)}")
+    if not ISO_639_3.fullmatch(code):
+        logger.warning("language code %r is not an ISO 639-3 code (three lowercase letters, e.g. 'fao'); "
+                       "training anyway and recording it as given", code)
+    return code, None
 
 
 def corpus_files(code: str) -> list[Path]:
@@ -184,5 +222,7 @@ def language_corpus(code: str, paths=(), exclude=None, **kwargs):
     """
     from .corpus import load_mlm_corpus
 
+    code, lang = language_for_training(code, has_text=bool(paths))
     sources = list(paths) or corpus_files(code)
-    return load_mlm_corpus(sources, eval_files(code) if exclude is None else exclude, **kwargs)
+    default_exclude = eval_files(code) if lang is not None else []
+    return load_mlm_corpus(sources, default_exclude if exclude is None else exclude, **kwargs)

@@ -318,10 +318,16 @@ def test_fingerprint_mismatch_names_tensor_and_override(mlm):
         compsft.apply(other, sft)
     compsft.apply(other, sft, check_base=False)
     compsft.revert(other)
-    # The same base in half precision still matches.
-    compsft.apply(BertForMaskedLM(tiny_config()).to(torch.bfloat16).requires_grad_(False), sft, check_base=False)
-    half = mlm.to(torch.float16)
-    compsft.apply(half, sft)
+    # The same base in half precision still matches (the check on), and reverts bit for bit.
+    import copy
+
+    for dtype in (torch.bfloat16, torch.float16):
+        half = copy.deepcopy(mlm).to(dtype).requires_grad_(False)
+        before = {n: t.clone() for n, t in half.state_dict().items()}
+        compsft.apply(half, sft)
+        assert any(not torch.equal(t, before[n]) for n, t in half.state_dict().items())
+        compsft.revert(half)
+        assert all(torch.equal(t, before[n]) for n, t in half.state_dict().items())
 
 
 def test_fingerprint_sees_through_applied_sfts(mlm):

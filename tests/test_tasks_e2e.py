@@ -135,4 +135,45 @@ def test_cli_composes_sfts_then_evaluates(setup, task, tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((tmp_path / "out2" / "metrics.json").read_text())
     assert [s["dense_applied"] for s in report["sfts"]] == [False, True]
-    assert key in result.output or key in report["metrics"]
+    # The score is the composed model's: the language SFT's encoder change, the task SFT's head.
+    import compsft
+
+    # `model` is the untrained model plus the task SFT's exact difference, so the language SFT's fingerprint
+    # (of the untrained model) does not apply to it: what the CLI composed, written out by hand.
+    compsft.apply(model, lang_sft, with_dense=False, check_base=False)
+    expected2, _ = spec.evaluate(model, tokenizer, test, labels, batch_size=16)
+    assert report["metrics"][key] == pytest.approx(expected2[key])
+    assert f"{report['metrics'][key]:.4f}" in result.output  # and the table printed it
+
+
+@pytest.mark.parametrize("task", ["dep", "ner"])
+def test_lt_sft_end_to_end(setup, task, tmp_path):
+    """LT-SFT (both phases, selection, reset) trains the parser's and the NER tagger's heads with the
+    encoder; the saved SFT, applied to a fresh model, reproduces the trained model's predictions."""
+    import compsft
+    from compsft.training import train_task_sft
+
+    spec, tokenizer, base, labels, _, test, _ = setup[task]
+    tuner = train_task_sft(task, base, CASES[task][0], tmp_path / "sft", max_sentences=64, k=3000,
+                           phase1=(None, 6, 6), phase2=(None, 6, 6), lr=3e-3, batch_size=16, max_length=64,
+                           save_steps=0, logging_steps=1, cpu=True, seed=0)
+    sft = compsft.load(tmp_path / "sft")
+    assert sft.config.kind == "task" and sft.config.task == task and sft.k == 3000
+    assert sft.config.training["labels"] == labels
+    heads = spec.head_param_names(tuner.model)
+    assert heads and set(sft.dense) == set(heads)
+    assert all(n.startswith("bert.") for n in sft.diffs)
+    losses = [h["loss"] for h in tuner.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # phase 2 (each phase keeps its own log)
+    trained, trained_predictions = spec.evaluate(tuner.model, tokenizer, test, labels, batch_size=16,
+                                                 max_length=64)
+    fresh = spec.build_model(base, labels)
+    compsft.apply(fresh, sft, with_dense=True)  # the trained heads come from the SFT
+    again, predictions = spec.evaluate(fresh, tokenizer, test, labels, batch_size=16, max_length=64)
+    key = CASES[task][2]
+    assert again[key] == pytest.approx(trained[key])
+    if task == "dep":
+        assert [p.heads for p in predictions] == [p.heads for p in trained_predictions]
+        assert all(is_tree([0] + p.heads) for p in predictions)
+    else:
+        assert [p.tags for p in predictions] == [p.tags for p in trained_predictions]

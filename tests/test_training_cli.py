@@ -97,6 +97,51 @@ def test_bad_input_is_a_clear_error(assets, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.work").exists()
 
 
+MADE_UP = "\n".join(f"zorva mil takku {w} venna lo {w}{w[::-1]} sa." for w in
+                     ("bara", "kilu", "monte", "sivo", "tuuna", "wella", "yorri", "pesk")) + "\n"
+
+
+def test_any_language_code_trains_given_its_text(assets, tmp_path, caplog):
+    """Outside the catalogue: a well-formed ISO 639-3 code (here one from the local-use range) trains
+    from --text; any other code trains with a warning; without --text it is a clear error."""
+    import logging
+
+    from compsft.errors import CompsftError
+    from compsft.training import train_language_sft
+
+    text = tmp_path / "qxy.txt"
+    text.write_text(MADE_UP, encoding="utf-8")
+    short = ["--k", "50", "--max-length", "32", "--save-steps", "0", "--cpu", "--logging-steps", "1", *steps(1, 1)]
+    with caplog.at_level(logging.WARNING, logger="compsft"):
+        run_cli(["train-language", "--model", assets["model"], "--lang", "qxy", "--text", text,
+                 "--out", tmp_path / "qxy", *short])
+    assert not [r for r in caplog.records if "ISO 639-3" in r.getMessage()]
+    sft = compsft.load(tmp_path / "qxy")
+    assert sft.config.language == "qxy" and sft.k == 50
+    assert sft.config.training["text"] == [str(text)] and sft.config.training["excluded"] == []
+    assert sft.config.training["corpus"]["kept"] == 8
+
+    with caplog.at_level(logging.WARNING, logger="compsft"):
+        tuner = train_language_sft(assets["model"], "Zorvish", tmp_path / "zorvish", text=[text], k=50,
+                                   phase1=(None, 1, 1), phase2=(None, 1, 1), max_length=32, save_steps=0, cpu=True)
+    assert tuner.sft.config.language == "Zorvish"
+    assert [r for r in caplog.records if "'Zorvish' is not an ISO 639-3 code" in r.getMessage()]
+
+    for lang in ("qxy", "Zorvish"):
+        with pytest.raises(CompsftError, match="not in the catalogue.*give its raw text with --text"):
+            CliRunner().invoke(app, ["train-language", "--model", str(assets["model"]), "--lang", lang,
+                                     "--out", str(tmp_path / "none")], catch_exceptions=False)
+        with pytest.raises(CompsftError, match="--text"):
+            train_language_sft(assets["model"], lang, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    # A catalogue language given by another name records its ISO 639-3 code and keeps its shipped
+    # evaluation sentences out, also when the text is the user's.
+    tuner = train_language_sft(assets["model"], "Maltese", tmp_path / "mlt", text=[text], k=50,
+                               phase1=(None, 1, 1), phase2=(None, 1, 1), max_length=32, save_steps=0, cpu=True)
+    assert tuner.sft.config.language == "mlt"
+    assert any("UD_Maltese-MUDT" in p for p in tuner.sft.config.training["excluded"])
+
+
 def _kill_run(args, phase, step):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COMPSFT_LOG_LEVEL": "WARNING"}
     proc = subprocess.run([sys.executable, str(HERE / "training_kill.py"), str(phase), str(step), "--",

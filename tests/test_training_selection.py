@@ -59,12 +59,38 @@ def test_sampled_threshold_path_with_small_chunks(k):
     assert_same(got, brute_force(scores, k))
 
 
-def test_bad_threshold_sample_falls_back():
-    # The sample sees only the large scores in "a" ... construct scores where sampling overestimates.
-    scores = {"a": torch.ones(100_000), "b": torch.zeros(100_000)}
-    got = select_top_k([100_000, 100_000], lambda i, pos: list(scores.values())[i][pos], 100_010,
-                       sample_size=1000)
-    assert got[0].numel() == 100_000 and torch.equal(got[1], torch.arange(10))
+def test_bad_threshold_sample_falls_back(monkeypatch):
+    """Scores high exactly where the threshold sample looks: the estimate overshoots, the first pass
+    keeps fewer than K candidates, and the second pass (threshold -inf) must still give the exact top-K."""
+    from compsft.training import selection
+
+    n, k, sample = 100_000, 5_000, 1_000
+    sampled = []
+
+    def recording(i, pos):
+        if isinstance(pos, torch.Tensor):
+            sampled.append(pos.clone())
+            return torch.zeros(pos.numel())
+        return torch.zeros(pos.stop - pos.start)
+
+    select_top_k([n], recording, 10, sample_size=sample)
+    assert sampled, "the sampled threshold path was not taken"
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(n, generator=gen) * 0.5  # distinct values below 0.5 ...
+    scores[torch.cat(sampled)] = 1.0 + torch.rand(torch.cat(sampled).numel(), generator=gen)  # ... above 1 where sampled
+    assert int((scores >= 1.0).sum()) < k
+
+    passes = []
+    real_candidates = selection._candidates
+
+    def counting(sizes, scorer, threshold, names, chunk_size):
+        passes.append(threshold)
+        return real_candidates(sizes, scorer, threshold, names, chunk_size)
+
+    monkeypatch.setattr(selection, "_candidates", counting)
+    got = select_top_k([n], lambda i, pos: scores[pos], k, sample_size=sample)
+    assert len(passes) == 2 and passes[0] >= 1.0 and passes[1] == float("-inf")
+    assert_same({"x": got[0]}, brute_force({"x": scores}, k))
 
 
 def test_errors():

@@ -6,7 +6,8 @@ import torch
 
 import compsft
 from compsft.training import SftArguments, SparseFineTuner
-from compsft.training.params import MBERT_ELIGIBLE, PAPER_K, eligible_parameters, resolve_k
+from compsft.errors import CompsftError
+from compsft.training.params import PAPER_K, eligible_parameters, resolve_k
 
 from training_helpers import ToyTagging, tiny_config, training_args
 
@@ -18,15 +19,69 @@ def tagger(seed=0):
     return BertForTokenClassification(tiny_config(num_labels=3))
 
 
-def test_eligible_parameters_and_default_k():
+def test_eligible_parameters():
     model = tagger()
     el = eligible_parameters(model)
     assert "bert.embeddings.word_embeddings.weight" in el
     assert not any("LayerNorm" in n for n in el)
     assert not any(n.startswith("classifier") for n in el)
-    assert resolve_k(MBERT_ELIGIBLE, kind="task") == PAPER_K["task"]
-    assert resolve_k(MBERT_ELIGIBLE, kind="language") == PAPER_K["language"]
     assert resolve_k(1000, density=0.05) == 50
+    assert resolve_k(1000, k=7) == 7
+
+
+def _eligible_count(config) -> int:
+    """Eligible parameters of an MLM of this config, counted without allocating it (meta device)."""
+    from transformers import AutoModelForMaskedLM
+
+    with torch.device("meta"):
+        model = AutoModelForMaskedLM.from_config(config)
+    return sum(p.numel() for p in eligible_parameters(model).values())
+
+
+@pytest.mark.parametrize("name, config, language_k, task_k", [
+    # mBERT (bert-base-multilingual-cased) and XLM-R base: L = 12, h = 768, 119,547 and 250,002 pieces.
+    ("mbert", dict(model_type="bert", vocab_size=119_547), 7_667_712, 14_155_776),
+    ("xlmr-base", dict(model_type="xlm-roberta", vocab_size=250_002, max_position_embeddings=514,
+                       type_vocab_size=1), 7_667_712, 14_155_776),
+    # The default model (multilingual-e5-small, trimmed): L = 12, h = 384 -> 13·384² and 24·384².
+    ("default", dict(model_type="bert", vocab_size=61_530, hidden_size=384, intermediate_size=1536,
+                     num_attention_heads=12), 1_916_928, 3_538_944),
+])
+def test_default_k_is_the_adapter_size_of_the_model_shape(name, config, language_k, task_k):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**config)
+    eligible = _eligible_count(cfg)
+    assert resolve_k(eligible, kind="language", config=cfg) == language_k
+    assert resolve_k(eligible, kind="task", config=cfg) == task_k
+    if name != "default":
+        assert (language_k, task_k) == (PAPER_K["language"], PAPER_K["task"])
+
+
+def test_default_k_does_not_grow_with_the_vocabulary():
+    from transformers import BertConfig
+
+    small, large = BertConfig(vocab_size=30_000), BertConfig(vocab_size=250_002)
+    assert _eligible_count(large) > 1.5 * _eligible_count(small)
+    assert resolve_k(_eligible_count(small), config=small) == resolve_k(_eligible_count(large), config=large)
+
+
+def test_default_k_needs_the_shape_and_is_capped():
+    from transformers import BertConfig
+
+    with pytest.raises(CompsftError, match="--k or --density"):
+        resolve_k(10_000, kind="task")
+    assert resolve_k(100, kind="task", config=BertConfig()) == 100
+    with pytest.raises(CompsftError, match="kind"):
+        resolve_k(10_000, kind="other", config=BertConfig())
+
+
+def test_tuner_takes_the_default_k_from_the_model_config(tmp_path):
+    # tiny_config: L = 2, h = 16 -> task K = 2·2·16² = 1,024.
+    sft_args = SftArguments(full_ft_max_steps=1, sparse_ft_max_steps=1)
+    tuner = SparseFineTuner(model=tagger(), args=training_args(tmp_path / "work"), train_dataset=ToyTagging(),
+                            sft_args=sft_args)
+    assert tuner.k == 1024
 
 
 def run_tuner(tmp_path, model, **sft_kw):

@@ -33,6 +33,11 @@ def _report(tuner, out: Path) -> None:
     table.caption = (f"K = {s['k']:,} of {s['num_eligible']:,} ({100 * s['density']:.3f}%), "
                      f"mask {s['mask_strategy']}; " + "; ".join(parts))
     console.print(table)
+    fallback = (tuner.sft.config.training or {}).get("vocabulary_fallback") if tuner.sft else None
+    if fallback and fallback["rate"] > fallback["threshold"]:
+        console.print(f"[bold yellow]warning[/]: {100 * fallback['rate']:.0f}% of the words of the MLM text fell back "
+                      f"to single characters in this model's vocabulary (see the warning above): use "
+                      f"`compsft prepare-model --full`, or `compsft trim-vocab` with this text.")
 
 
 # Options both commands take, defined once.
@@ -55,14 +60,16 @@ def register(app: typer.Typer) -> None:
     @app.command("train-language")
     def train_language(
         model: Path = typer.Option(..., "--model", help="Model directory (a transformers encoder, MLM head optional)."),
-        lang: str = typer.Option(..., "--lang", help="Language code (ISO 639-3) from `compsft languages`."),
+        lang: str = typer.Option(..., "--lang", help="Language code (ISO 639-3, e.g. fao). Catalogue languages "
+                                                     "(`compsft languages`) have shipped text; any other needs --text."),
         out: Path = typer.Option(..., "--out", help="Directory to write the language SFT to."),
         text: List[Path] = typer.Option([], "--text", help="MLM text: plain-text or CoNLL-U files or directories, "
-                                                           "repeatable (default: the text shipped for --lang)."),
+                                                           "repeatable (default: the text shipped for --lang; "
+                                                           "required for a language outside the catalogue)."),
         exclude: List[Path] = typer.Option([], "--exclude", help="Evaluation files whose sentences must not be "
                                                                  "trained on (the shipped dev/test sets of --lang are always excluded)."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
-                                                                 "7,667,712 for mBERT, scaled to this model)."),
+                                                                 "(L + 1)·h² for L layers of width h; 7,667,712 for mBERT)."),
         density: Density = None,
         mask_strategy: MaskStrategy = "lottery-ticket",
         full_ft_max_epochs: Optional[float] = typer.Option(100.0, "--phase1-epochs", help="Phase 1 epochs (before min/max)."),
@@ -96,6 +103,8 @@ def register(app: typer.Typer) -> None:
         """Train a language SFT by masked language modelling (LT-SFT).
 
         Example: compsft train-language --model M --lang mlt --out sfts/mlt
+
+        Any language with raw text: compsft train-language --model M --lang fao --text faroese.txt --out sfts/fao
         """
         from compsft.training.recipes import train_language_sft
 
@@ -121,7 +130,7 @@ def register(app: typer.Typer) -> None:
         source_sft: Optional[Path] = typer.Option(None, "--source-sft", help="Source-language SFT, applied "
                                                                             "(without its MLM head) before training."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
-                                                                 "14,155,776 for mBERT, scaled to this model)."),
+                                                                 "2·L·h² for L layers of width h; 14,155,776 for mBERT)."),
         density: Density = None,
         mask_strategy: MaskStrategy = "lottery-ticket",
         full_ft_max_epochs: Optional[float] = typer.Option(3.0, "--phase1-epochs", help="Phase 1 epochs (before min/max)."),

@@ -18,8 +18,8 @@ class SftArguments:
     """Settings of sparse fine-tuning (LT-SFT, Ansell et al. 2022)."""
 
     sft_kind: str = field(default="task", metadata={
-        "help": "language or task: picks the default K (the paper's 7,667,712 or 14,155,776 for mBERT, "
-                "scaled to this model's eligible parameters)"})
+        "help": "language or task: picks the default K, the MAD-X adapter size for the model's width h and "
+                "depth L: (L + 1)·h² or 2·L·h² (7,667,712 or 14,155,776 for mBERT and XLM-R base)"})
     k: int | None = field(default=None, metadata={"help": "number of entries the SFT may change (exactly)"})
     density: float | None = field(default=None, metadata={"help": "K as a fraction of the eligible parameters"})
     mask_strategy: str = field(default="lottery-ticket", metadata={
@@ -32,7 +32,8 @@ class SftArguments:
     sparse_ft_min_steps: int | None = field(default=None, metadata={"help": "phase 2 takes at least this many steps"})
     sparse_ft_max_steps: int | None = field(default=None, metadata={"help": "phase 2 takes at most this many steps"})
     full_l1_reg: float = field(default=0.0, metadata={
-        "help": "phase 1 L1 pull toward θ0: adds l1 · Σ|θ − θ0| / N_eligible to the objective"})
+        "help": "phase 1 L1 pull toward θ0: adds l1 · Σ|θ − θ0| / N to the loss (Σ over the trainable "
+                "tensors, N = all parameters of the model; the reference implementation's rule)"})
     sparse_l1_reg: float = field(default=0.0, metadata={"help": "phase 2 L1 pull toward θ0 (same form)"})
     freeze_layer_norm: bool = field(default=True, metadata={"help": "keep the encoder's LayerNorms at θ0"})
 

@@ -24,10 +24,7 @@ from ..errors import CompsftError
 
 logger = logging.getLogger(__name__)
 
-# Eligible parameters of mBERT (bert-base-multilingual-cased, no pooler, LayerNorm excluded):
-# 119,547·768 word + 512·768 position + 2·768 token-type embeddings + 12 · 7,084,800 encoder.
-MBERT_ELIGIBLE = 177_224_448
-# The paper's K for mBERT: the parameter counts of MAD-X language / task adapters.
+# The paper's K for mBERT and XLM-R base (12 layers, 768 wide): the sizes of MAD-X adapters.
 PAPER_K = {"language": 7_667_712, "task": 14_155_776}
 
 _NORM_NAME = re.compile(r"(layer_?norm|rms_?norm|(^|\.)norm(\.|$)|_norm(\.|$)|\bln_)", re.IGNORECASE)
@@ -112,8 +109,49 @@ def freeze_for_lt_sft(model: nn.Module, freeze_layer_norm: bool = True) -> tuple
     return eligible, head_parameters(model)
 
 
-def resolve_k(num_eligible: int, k: int | None = None, density: float | None = None, kind: str = "task") -> int:
-    """K from a count or a density; by default the paper's K for mBERT scaled to `num_eligible`."""
+def adapter_equivalent_k(hidden_size: int, num_layers: int, kind: str) -> int:
+    """The paper's default K for a model of this width and depth: the size of the MAD-X adapters.
+
+    * language: ``(L + 1) · h²`` (a bottleneck adapter of reduction factor 2 in each of the L layers,
+      2 · h · h/2 = h² weights each, plus the invertible adapter, about h²);
+    * task: ``2 · L · h²`` (a bottleneck adapter of reduction factor 1 per layer, 2 · h² weights).
+
+    It depends on h and L only, not on the vocabulary: mBERT and XLM-R base (L = 12, h = 768) both
+    get the paper's 7,667,712 and 14,155,776.
+
+    >>> adapter_equivalent_k(768, 12, "language"), adapter_equivalent_k(768, 12, "task")
+    (7667712, 14155776)
+    """
+    if kind == "language":
+        return (num_layers + 1) * hidden_size ** 2
+    if kind == "task":
+        return 2 * num_layers * hidden_size ** 2
+    raise CompsftError(f"no default K for kind {kind!r}; give --k or --density")
+
+
+def model_shape(config) -> tuple[int, int]:
+    """(hidden size h, number of layers L) of a `transformers` config (text config for multimodal ones)."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    h, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if not isinstance(h, int) or not isinstance(layers, int) or h < 1 or layers < 1:
+        raise CompsftError(f"{type(config).__name__} names no hidden_size / num_hidden_layers, so the paper's "
+                           f"default K cannot be derived; give --k or --density")
+    return h, layers
+
+
+def resolve_k(num_eligible: int, k: int | None = None, density: float | None = None, kind: str = "task",
+              *, config=None) -> int:
+    """K from a count, a density, or by default the paper's K for the model's shape.
+
+    The default is `adapter_equivalent_k` for the hidden size h and layer count L of `config` (a
+    `transformers` config): language ``(L + 1) · h²``, task ``2 · L · h²`` (mBERT and XLM-R base:
+    7,667,712 and 14,155,776), capped at `num_eligible`.
+
+    >>> from transformers import BertConfig
+    >>> resolve_k(177_224_448, kind="language", config=BertConfig())
+    7667712
+    """
     if k is not None and density is not None:
         raise CompsftError("give K as a count or as a density, not both")
     if k is not None:
@@ -124,9 +162,10 @@ def resolve_k(num_eligible: int, k: int | None = None, density: float | None = N
         if not 0 < density <= 1:
             raise CompsftError(f"density {density} must be in (0, 1]")
         return max(1, round(density * num_eligible))
-    if kind not in PAPER_K:
-        raise CompsftError(f"no default K for kind {kind!r}; give --k or --density")
-    return max(1, round(PAPER_K[kind] * num_eligible / MBERT_ELIGIBLE))
+    if config is None:
+        raise CompsftError("the default K needs the model's config (hidden size, layers); give --k or --density")
+    h, layers = model_shape(config)
+    return min(num_eligible, adapter_equivalent_k(h, layers, kind))
 
 
 def layer_type(name: str) -> str:

@@ -82,12 +82,20 @@ def train_language_sft(
     cpu: bool = False,
     callbacks: list | None = None,
 ):
-    """Train a language SFT for `lang` by masked language modelling (defaults: the paper's)."""
+    """Train a language SFT for `lang` by masked language modelling (defaults: the paper's).
+
+    `lang` is any language code: a catalogue language (`compsft languages`) brings its shipped text
+    (used when `text` is empty) and its evaluation files (always kept out of training); any other
+    code needs `text`. The share of words the model's vocabulary can only spell out in single
+    characters is recorded (``training["vocabulary_fallback"]``) and warned about above
+    `FALLBACK_THRESHOLD`.
+    """
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed
 
     from ..errors import CompsftError
-    from ..languages import corpus_files, eval_files, get_language, load_mlm_corpus, tokenize_for_mlm
+    from ..languages import (corpus_files, eval_files, fallback_warning, language_for_training, load_mlm_corpus,
+                             measure_vocabulary_fallback, tokenize_for_mlm)
     from ..sft import SftConfig
     from .trainer import HEADS_FILE, SparseFineTuner
 
@@ -95,13 +103,17 @@ def train_language_sft(
     work_dir = Path(work_dir) if work_dir else None
 
     _check_model_dir(model)
-    language = get_language(lang)
+    code, language = language_for_training(lang, has_text=bool(text))
     set_seed(seed)
-    texts = list(text) or corpus_files(language.code)
-    corpus = load_mlm_corpus(texts, exclude=[*eval_files(language.code), *exclude], max_lines=max_lines)
+    texts = list(text) or corpus_files(code)
+    shipped_eval = eval_files(code) if language is not None else []
+    corpus = load_mlm_corpus(texts, exclude=[*shipped_eval, *exclude], max_lines=max_lines)
     if len(corpus) == 0:
         raise CompsftError(f"no MLM text left in {', '.join(map(str, texts))}")
     tokenizer = AutoTokenizer.from_pretrained(model)
+    fallback = measure_vocabulary_fallback(tokenizer, corpus.lines)
+    if fallback is not None and fallback.too_high:
+        logger.warning("%s", fallback_warning(fallback, len(tokenizer), [str(t) for t in texts]))
     dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=max_length)
     mlm_model = AutoModelForMaskedLM.from_pretrained(model)
     work = work_dir or out.with_name(out.name + ".work")
@@ -126,10 +138,12 @@ def train_language_sft(
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
                           cpu=cpu)
     training = {"corpus": corpus.stats.as_dict(), "text": [str(t) for t in texts],
+                "excluded": [str(p) for p in [*shipped_eval, *exclude]],
+                "vocabulary_fallback": fallback.as_dict() if fallback is not None else None,
                 "max_length": max_length, "mlm_probability": mlm_probability, "static_masking": static_masking}
     if head_record:
         training["mlm_head_warmup"] = head_record
-    config = SftConfig(kind="language", language=language.code, base_model=str(model),
+    config = SftConfig(kind="language", language=code, base_model=str(model),
                        vocab=_vocab(tokenizer), training=training)
     sft_args = _sft_args("language", k, density, mask_strategy, seed, (phase1, phase2), l1)
     tuner = SparseFineTuner(model=mlm_model, args=args, train_dataset=dataset, data_collator=collator,

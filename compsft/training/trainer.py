@@ -8,6 +8,12 @@ and schedule:
    the masked tensors become θ0 + scatter(values) (`compsft.training.sparse`) and only the values
    and the heads are trained.
 
+With `full_l1_reg` / `sparse_l1_reg` = l1, each phase's objective is the model's loss plus
+``l1 · Σ|θ − θ0| / N`` over the trainable tensors, N the number of parameters of the model as given
+(`compsft.training.l1`): the rule of the reference implementation, so the same `--l1` has the same
+strength. The term is added in `compute_loss`, so it goes through gradient accumulation (counted
+once per optimizer step) and gradient clipping like the loss; `l1_reg_loss` is logged apart.
+
 The result (`self.sft`) is θ2 − θ0 on the mask plus the heads, dense; afterwards the model holds
 θ0 + φ, applied with `compsft.apply` (so `compsft.revert` takes it off again).
 
@@ -26,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
 from ..atomic import atomic_path
@@ -34,6 +40,7 @@ from ..errors import CompsftError
 from ..merge import apply, base_fingerprint
 from ..sft import SftConfig, SparseDelta, SparseFineTuning, index_dtype
 from .arguments import SftArguments
+from .l1 import l1_distance
 from .masks import get_mask_strategy
 from .mlm import MaskedPositionsOnly
 from .params import density_by_layer_type, freeze_for_lt_sft, resolve_k, untie_output_embeddings
@@ -58,16 +65,6 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(done)[1])
 
 
-class _SftCallback(TrainerCallback):
-    """Adds the L1 pull toward θ0 to the gradients just before each optimizer step."""
-
-    def __init__(self, tuner: "SparseFineTuner") -> None:
-        self.tuner = tuner
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.tuner._add_l1_gradient()
-
-
 class SparseFineTuner(Trainer):
     """A `Trainer` that trains a sparse fine-tuning (LT-SFT) instead of a dense model.
 
@@ -90,6 +87,9 @@ class SparseFineTuner(Trainer):
             raise CompsftError("SparseFineTuner needs a model (model_init is not supported)")
         self.sft_args = sft_args or SftArguments()
         self.mlm = type(model).__name__.endswith("ForMaskedLM") if mlm is None else mlm
+        # The L1 term's N: the model's parameters as given, tied tensors once (the reference's count),
+        # taken before the output embeddings are untied.
+        self.l1_normaliser = sum(p.numel() for p in model.parameters())
         if self.mlm:
             untie_output_embeddings(model)
             # The MLM hooks turn the model's per-micro-batch mean into sum / num_items_in_batch, so
@@ -107,7 +107,8 @@ class SparseFineTuner(Trainer):
         self._head_names = list(heads)
         params = dict(self.model.named_parameters())
         self.num_eligible = sum(params[n].numel() for n in self._eligible_names)
-        self.k = resolve_k(self.num_eligible, self.sft_args.k, self.sft_args.density, self.sft_args.sft_kind)
+        self.k = resolve_k(self.num_eligible, self.sft_args.k, self.sft_args.density, self.sft_args.sft_kind,
+                           config=getattr(self.model, "config", None))
         logger.info("LT-SFT: K = %s of %s eligible parameters (density %.4f%%), %d head tensors",
                     f"{self.k:,}", f"{self.num_eligible:,}", 100 * self.k / self.num_eligible, len(heads))
         # θ0: the weights as given (for a task SFT, with the source language SFT applied).
@@ -122,7 +123,7 @@ class SparseFineTuner(Trainer):
         self.sft: SparseFineTuning | None = None
         self.masks: dict[str, torch.Tensor] | None = None
         self._mlm_hooks = MaskedPositionsOnly(self.model) if self.mlm else None
-        self.add_callback(_SftCallback(self))
+        self._l1_log = [0.0, 0]  # Σ of the L1 term over the micro-batches since the last log, and their count
 
     # -- the two phases -------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -212,25 +213,56 @@ class SparseFineTuner(Trainer):
         return out
 
     # -- L1 and logging ---------------------------------------------------------------------------
-    def _add_l1_gradient(self) -> None:
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss plus, while training, the L1 pull toward θ0 (`compsft.training.l1`):
+        ``l1 · Σ|θ − θ0| / N`` once per optimizer step, N = `self.l1_normaliser`."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
         l1 = self.sft_args.full_l1_reg if self._phase == 1 else self.sft_args.sparse_l1_reg
-        if not l1:
-            return
-        scale = l1 / self.num_eligible
-        with torch.no_grad():
-            if self._phase == 1:
-                for n, p in self._named(self._eligible_names).items():
-                    if p.grad is not None:
-                        p.grad.add_(torch.sign(p - self._theta0[n]), alpha=scale)
-            else:
-                for sv in self._sparse.values():
-                    if sv.values.grad is not None:
-                        sv.values.grad.add_(torch.sign(sv.values), alpha=scale)
+        if not l1 or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        term = l1 * l1_distance(self._l1_pairs()) / self.l1_normaliser
+        self._l1_log[0] += float(term.detach())
+        self._l1_log[1] += 1
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", None) or \
+            self.args.gradient_accumulation_steps
+        if self._loss_is_scaled_for_accumulation(num_items_in_batch):
+            # The Trainer sums these losses over the step's micro-batches as they are: the term
+            # must come in 1/micro_batches at a time to count once per optimizer step.
+            term = term / micro_batches
+        # Otherwise the Trainer divides the whole loss by micro_batches itself.
+        loss = loss + term.to(loss.device, loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether `Trainer.training_step` takes compute_loss's result as already divided over the
+        accumulated micro-batches (it then does not divide it by their number); transformers' rule."""
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return bool(explicit)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
+
+    def _l1_pairs(self):
+        """(θ, θ0) for every trainable tensor of the current phase; (values, None) for phase 2's masks."""
+        if self._phase == 1:
+            for n, p in self._named(self._eligible_names).items():
+                yield p, self._theta0[n]
+        else:
+            for sv in self._sparse.values():
+                yield sv.values, None
+        for n, p in self._named(self._head_names).items():
+            yield p, self._heads0[n]
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Tag every log entry with the phase it belongs to (each phase counts its own steps)."""
         logs = dict(logs)
         logs["phase"] = self._phase
+        if "loss" in logs and self._l1_log[1]:
+            # Part of "loss" (the objective); the reference logs it apart the same way.
+            logs["l1_reg_loss"] = round(self._l1_log[0] / self._l1_log[1], 6)
+            self._l1_log = [0.0, 0]
         super().log(logs, *args, **kwargs)
 
     # -- the result -------------------------------------------------------------------------------
@@ -261,6 +293,7 @@ class SparseFineTuner(Trainer):
             "seed": self.args.seed,
             "full_l1_reg": self.sft_args.full_l1_reg,
             "sparse_l1_reg": self.sft_args.sparse_l1_reg,
+            "l1_normaliser": self.l1_normaliser,
             "freeze_layer_norm": self.sft_args.freeze_layer_norm,
             "phases": self.phase_info,
         }
