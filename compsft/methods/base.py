@@ -61,6 +61,8 @@ class Budget:
     eval_sentences: int | None = field(default=None, metadata={"help": "target test sentences (None: all)"})
     lang_density: float | None = field(default=None, metadata={"help": "language K / eligible (None: paper's K)"})
     task_density: float | None = field(default=None, metadata={"help": "task K / eligible (None: paper's K)"})
+    lang_min_steps: int = field(default=0, metadata={"help": "minimum steps per language phase when training "
+                                                             "by epochs (the paper's 10k)"})
 
 
 @dataclass
