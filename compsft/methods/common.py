@@ -29,11 +29,12 @@ _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 # -- budgets -----------------------------------------------------------------------------------------
 def language_phases(b: Budget) -> tuple[Phase, Phase]:
-    """Phases 1 and 2 of a language module: `lang_steps` each, or `lang_epochs` capped at `lang_max_steps`."""
+    """Phases 1 and 2 of a language module: `lang_steps` each, or `lang_epochs` raised to `lang_min_steps`
+    and capped at `lang_max_steps` (the paper's 100 epochs, 10k to 100k steps)."""
     if b.lang_steps:
         phase = (None, b.lang_steps, b.lang_steps)
     elif b.lang_epochs is not None or b.lang_max_steps is not None:
-        phase = (b.lang_epochs, None, b.lang_max_steps)
+        phase = (b.lang_epochs, getattr(b, "lang_min_steps", 0) or None, b.lang_max_steps)
     else:
         raise CompsftError("budget: language modules need lang_steps, lang_epochs or lang_max_steps")
     return phase, phase
@@ -176,9 +177,10 @@ def model_facts(model_dir: str, task: str) -> dict[str, Any]:
 def sft_counts(ctx: MethodContext, task: str, *, language: bool, target_language: bool) -> dict[str, int]:
     """Trainable entries and stored bytes of an SFT method before training (K from `resolve_k`).
 
-    `trainable` and `stored_bytes` are per target model: the task module plus the target language
-    module when the method composes one (the MLM head of a language SFT is trained and stored but
-    never composed, so it is counted in `language_trainable` only).
+    `trainable` and `stored_bytes` are per target, as the harness sums its modules' `ModuleInfo`: the
+    task module plus the target language module when the method composes one. A language module's
+    trainable entries include its MLM head (trained and stored in the module, though never composed
+    onto a task model); `language_k` is what the target's model actually receives from it.
     """
     from ..training.params import resolve_k
 
@@ -198,7 +200,7 @@ def sft_counts(ctx: MethodContext, task: str, *, language: bool, target_language
         out["language_stored_bytes"] = estimate_sft_bytes(lang_k, facts["language_sizes"], facts["language_head"],
                                                           facts["language_head_tensors"])
         if target_language:
-            trainable += lang_k
+            trainable += out["language_trainable"]
             stored += out["language_stored_bytes"]
     out["trainable"] = trainable
     out["stored_bytes"] = stored
