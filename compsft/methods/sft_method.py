@@ -28,8 +28,10 @@ def _phases(phases, strategy: str):
 
 def _facts(tuner) -> dict:
     s = tuner.summary()
+    # "output" would name the temporary directory the module was written to before it was renamed.
+    phases = {k: v for k, v in s["phases"].items() if k != "output"}
     return {"k": s["k"], "num_eligible": s["num_eligible"], "density": s["density"],
-            "mask_strategy": s["mask_strategy"], "phases": s["phases"]}
+            "mask_strategy": s["mask_strategy"], "phases": phases}
 
 
 def _trainable(tuner) -> int:
