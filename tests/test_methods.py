@@ -322,3 +322,28 @@ def test_train_full_cli(world, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / DEV_SELECTED / "model.safetensors").is_file()
     bad = CliRunner().invoke(app, [str(a) for a in args] + ["--epochs", "1"], catch_exceptions=True)
     assert bad.exit_code != 0 and isinstance(bad.exception, CompsftError) and "not both" in str(bad.exception)
+
+
+def test_train_full_ft_resumes_to_the_same_model(world, tmp_path):
+    """Interrupted after a checkpoint (the later ones lost), `resume=True` ends where an uninterrupted run does."""
+    import shutil
+
+    from compsft.training.full_ft import load_full_ft, train_full_ft
+
+    model_dir = make_model_dir(tmp_path / "nodrop", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data = world["data"]
+    kwargs = dict(steps=4, batch_size=4, max_length=32, lr=1e-3, save_steps=2, cpu=True, quiet=True, seed=3,
+                  dev=data.dev, dev_checks=2, dev_max_sentences=4)
+    whole = train_full_ft("pos", model_dir, data.train, tmp_path / "a", work_dir=tmp_path / "a.work", **kwargs)
+    work = tmp_path / "b.work"
+    train_full_ft("pos", model_dir, data.train, tmp_path / "b", work_dir=work, **kwargs)
+    shutil.rmtree(tmp_path / "b")
+    shutil.rmtree(work / "checkpoint-4")  # killed between the checkpoints of steps 2 and 4
+    resumed = train_full_ft("pos", model_dir, data.train, tmp_path / "b", work_dir=work, resume=True, **kwargs)
+    assert resumed.info["resumed_from"].endswith("checkpoint-2")
+    for sub in (".", DEV_SELECTED):
+        a, _, _ = load_full_ft(tmp_path / "a" / sub)
+        b, _, _ = load_full_ft(tmp_path / "b" / sub)
+        sa, sb = state(a), state(b)
+        assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa), sub
+    assert resumed.info["dev_selected"]["checks"] == whole.info["dev_selected"]["checks"]
