@@ -347,3 +347,28 @@ def test_train_full_ft_resumes_to_the_same_model(world, tmp_path):
         sa, sb = state(a), state(b)
         assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa), sub
     assert resumed.info["dev_selected"]["checks"] == whole.info["dev_selected"]["checks"]
+
+
+def test_budgets_map_onto_phases():
+    """Two-phase methods get the budget per phase; one-phase ones (no phase 1, full FT) both phases' sum."""
+    import dataclasses
+
+    from compsft.methods.common import (checkpoint_steps, language_phases, one_phase, steps_or_epochs,
+                                        task_phases)
+    from compsft.methods.sft_method import _phases
+
+    cpu = dataclasses.replace(BUDGET, lang_steps=40, task_steps=80)
+    assert language_phases(cpu) == ((None, 40, 40), (None, 40, 40))
+    assert task_phases(cpu) == ((None, 80, 80), (None, 80, 80))
+    assert steps_or_epochs(one_phase(*task_phases(cpu))) == {"steps": 160}
+    assert _phases(task_phases(cpu), "random") == ((None, 80, 80), (None, 160, 160))
+    assert _phases(task_phases(cpu), "lottery-ticket") == ((None, 80, 80), (None, 80, 80))
+    paper = dataclasses.replace(BUDGET, lang_steps=0, lang_epochs=100.0, lang_max_steps=100_000, lang_min_steps=10_000,
+                                task_steps=0, task_epochs=(3.0, 10.0))
+    assert language_phases(paper) == ((100.0, 10_000, 100_000),) * 2
+    assert task_phases(paper) == ((3.0, None, None), (10.0, None, None))
+    assert steps_or_epochs(one_phase(*task_phases(paper))) == {"epochs": 13.0}
+    assert _phases(language_phases(paper), "magnitude")[1] == (200.0, 20_000, 200_000)
+    assert checkpoint_steps(80) == 40 and checkpoint_steps(3) == 20 and checkpoint_steps(0) == 500
+    with pytest.raises(CompsftError, match="task_steps or task_epochs"):
+        task_phases(dataclasses.replace(BUDGET, task_steps=0, task_epochs=None))

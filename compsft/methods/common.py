@@ -20,8 +20,8 @@ from .base import Budget, MethodContext, TaskData
 
 Phase = tuple  # (max_epochs | None, min_steps | None, max_steps | None)
 
-#: checkpoint interval of training runs with a work directory (the harness resumes from them)
-CHECKPOINT_STEPS = 200
+#: checkpoint interval of runs whose length is given in epochs (with a work directory to resume from)
+CHECKPOINT_STEPS = 500
 # Files a model directory shares with the base model: not counted as the module's stored bytes.
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                     "sentencepiece.bpe.model", "spiece.model", "added_tokens.json"}
@@ -66,10 +66,20 @@ def steps_or_epochs(phase: Phase) -> dict[str, Any]:
     return {"epochs": epochs}
 
 
-def training_kwargs(ctx: MethodContext, seed: int) -> dict[str, Any]:
-    """Keyword arguments every training call of a method gets from the context."""
+def checkpoint_steps(phase_steps: int) -> int:
+    """Checkpoint twice per phase when phases are given in steps (an interrupted module loses at most
+    half a phase; a checkpoint of a full model with its optimizer state is not free), else every 500."""
+    return max(20, phase_steps // 2) if phase_steps else CHECKPOINT_STEPS
+
+
+def training_kwargs(ctx: MethodContext, seed: int, kind: str) -> dict[str, Any]:
+    """Keyword arguments every training call of a method gets from the context (`kind`: language or task).
+
+    Without a work directory nothing can be resumed, so nothing is checkpointed.
+    """
+    steps = ctx.budget.lang_steps if kind == "language" else ctx.budget.task_steps
     return {"seed": seed, "resume": ctx.resume, "cpu": ctx.device == "cpu", "callbacks": list(ctx.callbacks),
-            "save_steps": CHECKPOINT_STEPS if ctx.work_dir else 0, "quiet": True}
+            "save_steps": checkpoint_steps(steps) if ctx.work_dir else 0, "quiet": True}
 
 
 def work_dir(ctx: MethodContext, out: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import CompsftError
 from .base import MethodContext, MethodSpec, ModuleInfo, TaskData
-from .common import (check_dev_data, model_facts, module_bytes, one_phase, seconds_since, steps_or_epochs,
+from .common import (check_dev_data, checkpoint_steps, model_facts, module_bytes, one_phase, seconds_since, steps_or_epochs,
                      task_phases, training_kwargs, work_dir)
 
 
@@ -24,7 +24,9 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
     length = steps_or_epochs(one_phase(*task_phases(b)))
     checks = b.dev_checks
     check_dev_data(ctx, data)
-    kwargs = training_kwargs(ctx, seed)
+    kwargs = training_kwargs(ctx, seed, "task")
+    if ctx.work_dir:  # one phase as long as two: checkpoint twice in it, as an SFT does per phase
+        kwargs["save_steps"] = checkpoint_steps(2 * b.task_steps)
     t0 = time.perf_counter()
     result = train_full_ft(
         data.task, ctx.model_dir, data.train, out, dev=data.dev if checks else None, lr=b.task_lr,

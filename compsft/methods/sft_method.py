@@ -52,7 +52,7 @@ def train_language_module(ctx: MethodContext, data: LanguageData, seed: int, out
             ctx.model_dir, data.code, tmp, text=list(data.texts), exclude=list(data.exclude), density=b.lang_density,
             mask_strategy=mask_strategy, phase1=p1, phase2=p2, lr=b.lang_lr, batch_size=b.lang_batch,
             max_length=b.lang_max_length, max_lines=b.lang_lines, work_dir=work_dir(ctx, out),
-            **training_kwargs(ctx, seed))
+            **training_kwargs(ctx, seed, "language"))
     return ModuleInfo(trainable=_trainable(tuner), stored_bytes=module_bytes(out), seconds=seconds_since(t0),
                       extra=_facts(tuner))
 
@@ -73,7 +73,7 @@ def train_task_module(ctx: MethodContext, data: TaskData, source_module: Path | 
     b = ctx.budget
     p1, p2 = _phases(task_phases(b), mask_strategy)
     work = work_dir(ctx, out)
-    kwargs = training_kwargs(ctx, seed)
+    kwargs = training_kwargs(ctx, seed, "task")
     # No phase 2 (prune-difference without retraining): nothing to select between.
     selection = dev_selection(ctx, data, work, sparse=True) if get_mask_strategy(mask_strategy).runs_phase2 else None
     if selection is not None:
