@@ -7,6 +7,24 @@
     from compsft.methods import get_method, list_methods
     spec = get_method("lt-sft")
     print(list_methods())          # ['lt-sft', 'task-sft-only', 'full-ft', ...]
+
+Adding a method is one module. An SFT variant is a few lines (see `random_mask.py`): the pieces
+in `sft_method.py` with another mask strategy; anything else implements the four calls of
+`base.py` (see `full_ft.py`)::
+
+    # my_method.py
+    from functools import partial
+    from compsft.methods import MethodSpec, register_method
+    from compsft.methods.sft_method import assemble_sfts, counts, train_language_module, train_task_module
+
+    METHOD = register_method(MethodSpec(
+        name="my-sft", description="...", composition="θ0 + φ_L(target) + φ_T",
+        train_language=partial(train_language_module, mask_strategy="magnitude"),
+        train_task=partial(train_task_module, mask_strategy="lottery-ticket"),
+        assemble=assemble_sfts, parameter_counts=counts))
+
+The methods here: `lt-sft`, `task-sft-only`, `full-ft`, `random-mask`, `magnitude-mask`,
+`prune-difference` and `prune-difference-noretrain`; each module's docstring states its composition rule.
 """
 from __future__ import annotations
 
