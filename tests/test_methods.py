@@ -347,6 +347,15 @@ def test_train_full_ft_resumes_to_the_same_model(world, tmp_path):
         sa, sb = state(a), state(b)
         assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa), sub
     assert resumed.info["dev_selected"]["checks"] == whole.info["dev_selected"]["checks"]
+    # Killed after the last checkpoint, before the model was written: nothing left to train, and the
+    # dev-selected model still comes out (read back from the work directory).
+    shutil.rmtree(tmp_path / "b")
+    last = train_full_ft("pos", model_dir, data.train, tmp_path / "b", work_dir=work, resume=True, **kwargs)
+    assert last.info["resumed_from"].endswith("checkpoint-4")
+    assert last.info["dev_selected"] == whole.info["dev_selected"]
+    a, _, _ = load_full_ft(tmp_path / "a" / DEV_SELECTED)
+    b, _, _ = load_full_ft(tmp_path / "b" / DEV_SELECTED)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(state(a).values(), state(b).values()))
 
 
 def test_budgets_map_onto_phases():

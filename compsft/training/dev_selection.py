@@ -10,7 +10,8 @@ Scoring runs the model in eval mode under `inference_mode` and draws no random n
 with dev checks gives the same fixed-budget module as training without them.
 
 With `state_file`, every improvement is also written there (safetensors, atomically) and read back
-when a run resumes: a resumed run selects what an uninterrupted one does. Example::
+when a run resumes from a checkpoint: a resumed run selects what an uninterrupted one does (a run
+that starts at step 0 ignores it). Example::
 
     sel = DevSelection(dev_scorer(spec, tok, dev_sentences), checks=4, active=has_sparse_values)
     train_task_sft(..., callbacks=[sel])
@@ -110,6 +111,7 @@ class DevSelection(TrainerCallback):
         self.history: list[tuple[int, float]] = []
         self._steps: set[int] = set()
         self._max_steps = 0
+        self._resume_pending = False
 
     # -- the callback -------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -119,8 +121,24 @@ class DevSelection(TrainerCallback):
         self._max_steps = state.max_steps
         self._steps = set(check_steps(state.max_steps, self.checks))
         self.best, self.best_step, self.best_score, self.history = None, None, None, []
-        if self.state_file is not None and self.state_file.is_file():
+        self._resume_pending = True
+
+    def _maybe_resume(self, state) -> None:
+        # The Trainer reads a checkpoint's step count only after on_train_begin: whether this run
+        # resumes is known at its first step (or at its end, when the checkpoint was the last step).
+        if not self._resume_pending:
+            return
+        self._resume_pending = False
+        if state.global_step > 0 and self.state_file is not None and self.state_file.is_file():
             self._load()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._steps:
+            self._maybe_resume(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._steps:
+            self._maybe_resume(state)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step not in self._steps or not state.is_world_process_zero:
