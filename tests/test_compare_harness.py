@@ -34,8 +34,8 @@ def fake_method(name: str, *, language: bool = True, language_key: str = "", tas
 
     def train_language(ctx, data, seed, out):
         CALLS["language", language_key or name, data.code, seed] += 1
+        out.mkdir(parents=True)  # before the work: a kill leaves a partial module behind
         time.sleep(sleep)
-        out.mkdir(parents=True)
         (out / "language.json").write_text(json.dumps({"code": data.code, "seed": seed,
                                                        "texts": [str(p) for p in data.texts],
                                                        "exclude": [str(p) for p in data.exclude]}))
@@ -43,9 +43,9 @@ def fake_method(name: str, *, language: bool = True, language_key: str = "", tas
 
     def train_task(ctx, data, source_dir, seed, out):
         CALLS["task", task_key or name, data.task, seed] += 1
+        out.mkdir(parents=True)
         time.sleep(sleep)
         labels = UPOS  # reading the 4,000 training sentences would take seconds
-        out.mkdir(parents=True)
         (out / "labels.json").write_text(json.dumps(labels))
         (out / "source.txt").write_text(str(source_dir))
         if ctx.budget.dev_checks:
@@ -224,7 +224,7 @@ CHILD = """
 import sys, json
 sys.path.insert(0, {here!r})
 import test_compare_harness as t
-t.register_fakes(sleep=0.4)
+t.register_fakes(sleep=1.0)
 from compsft.compare import CompareConfig, NullReporter, compare
 cfg = CompareConfig(**json.loads(sys.argv[1]))
 cfg.budget = t.tiny_budget()
@@ -245,13 +245,16 @@ def test_resume_after_sigkill_gives_the_same_results(model_dir, tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no cell finished in time"
             time.sleep(0.05)
-        time.sleep(0.2)  # into the next module
+        time.sleep(0.3)  # into the next module (each sleeps 1 s in the child)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
         proc.stderr.close()
     done_before = len(list((killed / "cells").glob("*/*/seed*.json")))
     assert 1 <= done_before < 8 and not (killed / "results.json").exists()
+    partial = [d for d in (killed / "modules").glob("*/*/*")
+               if (d / "module").is_dir() and not (d / "module.json").exists()]
+    assert partial, "the kill should leave a module half-written"
 
     resumed = run(config(model_dir, killed, resume=True))
     assert len(resumed["cells"]) == 8 and all(c["status"] == "ok" for c in resumed["cells"])
@@ -477,16 +480,18 @@ def _real_methods_exist() -> bool:
 @pytest.mark.skipif(not _real_methods_exist(), reason="the methods (compsft/methods/lt_sft.py, full_ft.py) are not "
                                                       "in this checkout yet")
 def test_real_quick_grid_on_the_default_model(tmp_path):
+    """The parser through the harness with two real methods (the demo's test runs POS with three)."""
     from compsft.compare import CompareConfig
 
     out = tmp_path / "cmp"
-    results = run(CompareConfig(task="pos", targets=["wol"], methods=["lt-sft", "full-ft"], seeds=1, budget="quick",
+    results = run(CompareConfig(task="dep", targets=["wol"], methods=["lt-sft", "full-ft"], seeds=1, budget="quick",
                                 out=str(out), device="cpu"))
     assert [c["status"] for c in results["cells"]] == ["ok", "ok"], results["failed"]
     for c in results["cells"]:
         for variant in ("fixed", "dev_selected"):
-            assert 0.0 <= c["metrics"][variant]["accuracy"] <= 1.0
+            assert 0.0 <= c["metrics"][variant]["las"] <= c["metrics"][variant]["uas"] <= 1.0
         assert c["trainable"] > 0 and c["stored_bytes"] > 0
     lt, full = (results["methods"][m] for m in ("lt-sft", "full-ft"))
     assert lt["trainable"] < full["trainable"]  # sparse: fewer trainable parameters than the whole model
+    assert "paired_differences" in results and results["paired_differences"]["fixed"]["full-ft"]["n"] == 1
     assert (out / "results.md").is_file() and (out / "plot.png").is_file()

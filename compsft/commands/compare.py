@@ -150,8 +150,8 @@ def print_methods(names: list[str], model: Optional[Path], budget: str, task: st
     model_dir = model or default_model_dir()
     table = Table(title=f"compare methods ({task}, model {model_dir})")
     for column in ("method", "composition", "trainable params", "stored", "description"):
-        table.add_column(column, overflow="fold", justify="right" if column in ("trainable params", "stored")
-                         else "left")
+        table.add_column(column, overflow="fold", no_wrap=column == "method",
+                         justify="right" if column in ("trainable params", "stored") else "left")
     for name, info in method_table(names, model_dir, get_budget(budget), task).items():
         counts = info.get("parameter_counts") or {}
         table.add_row(name, info["composition"], fmt_int(counts.get("trainable")),
