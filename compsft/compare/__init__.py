@@ -40,7 +40,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> dict[str
     runner = GridRunner(grid, reporter, device)
     methods = method_table(grid.methods, grid.model_dir, grid.budget, grid.task, device)
     cells = runner.run()
-    results = build_results(grid, cells, methods, device, time.perf_counter() - started, runner.test_sizes())
+    results = build_results(grid, cells, methods, device, time.perf_counter() - started, runner.setup_seconds)
     write_outputs(grid.out, results)
     return results
 

@@ -42,7 +42,7 @@ def versions() -> dict[str, str]:
 
 
 def build_results(grid: Grid, cells: Sequence[dict], methods: dict[str, dict], device: str,
-                  run_seconds: float, test_sizes: dict[str, int]) -> dict[str, Any]:
+                  run_seconds: float, setup_seconds: float = 0.0) -> dict[str, Any]:
     targets = [t.code for t in grid.targets]
     metric = grid.metric
     summary = {v: summarise(cells, grid.methods, targets, grid.seeds, metric, v) for v in VARIANTS}
@@ -61,8 +61,9 @@ def build_results(grid: Grid, cells: Sequence[dict], methods: dict[str, dict], d
         "failed": [f"{c['method']} → {c['target']}, seed {c['seed']}: {c.get('error')}" for c in cells
                    if c.get("status") != "ok"],
         "summary": summary,
-        "test_sentences": test_sizes,
-        "times": {"run_seconds": round(run_seconds, 3), "overhead_seconds_per_cell": _overhead(cells)},
+        "test_sentences": {c["target"]: c["test_sentences"] for c in cells if "test_sentences" in c},
+        "times": {"run_seconds": round(run_seconds, 3), "setup_seconds": round(setup_seconds, 3),
+                  "overhead_seconds_per_cell": _overhead(cells)},
     }
     if REFERENCE_METHOD in grid.methods and len(grid.methods) > 1:
         results["paired_differences"] = {
@@ -198,7 +199,7 @@ def results_markdown(results: dict[str, Any]) -> str:
              "",
              f"Budget `{s['budget']['name']}`, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), model "
              f"`{s['model']}`, device {s['device']}. Scores: {metric} on each target's test set "
-             f"({', '.join(f'{k}: {v} sentences' for k, v in results['test_sentences'].items()) or 'cached'}), "
+             f"({', '.join(f'{k}: {v} sentences' for k, v in results['test_sentences'].items()) or '–'}), "
              "mean ± sd over seeds; *average* is the mean over targets (± sd over seeds). *trainable params* and "
              "*stored* are what the target's model holds from the method's modules (task module + target "
              "language module); *train time* is the training time of every module a cell uses (shared modules "
@@ -221,7 +222,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     o = results["times"]["overhead_seconds_per_cell"]
     if o["cells"]:
         parts += ["", f"Harness overhead per cell (time outside training, assembly and evaluation): mean "
-                      f"{o['mean']:.3f} s, max {o['max']:.3f} s over {o['cells']} cells."]
+                      f"{o['mean']:.3f} s, max {o['max']:.3f} s over {o['cells']} cells; reading the test sets and "
+                      f"the tokenizer once per run: {results['times']['setup_seconds']:.1f} s."]
     if results["failed"]:
         parts += ["", "## Failed cells", "", *(f"- {f}" for f in results["failed"]),
                   "", "(tracebacks in results.json; `--resume` retries them)"]

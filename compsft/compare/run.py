@@ -9,7 +9,8 @@ from its checkpoints (`MethodContext.resume` with the module's `work_dir`).
 
 Times per cell: `train_seconds` (modules trained during this cell), `assemble_seconds`,
 `evaluate_seconds`, and `overhead_seconds`: the cell's wall time minus those three, i.e. the harness's
-own cost (reading data, keys, files).
+own cost (keys, files, bookkeeping). Reading the test sets and the tokenizer happens once per run
+before the first cell (`setup_seconds` in results.json).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class GridRunner:
         self._test_sets: dict[str, list] = {}
         self._tokenizer = None
         self.cells_run = 0
+        #: reading the test sets and the tokenizer, before the first cell
+        self.setup_seconds = 0.0
 
     # -- the grid -----------------------------------------------------------------------------------
     def cells(self) -> list[tuple[int, str, Target]]:
@@ -66,6 +69,13 @@ class GridRunner:
         records: list[dict[str, Any] | None] = [read_json(cell_path(self.grid.out, m, t.code, s))
                                                 for s, m, t in cells]
         self.reporter.grid_start(len(cells), sum(r is not None for r in records))
+        todo = {t.code: t for (s, m, t), r in zip(cells, records) if r is None}
+        if todo:  # once per run, not per cell: timed apart from the cells' overhead
+            started = time.perf_counter()
+            self._get_tokenizer()
+            for target in todo.values():
+                self._test_set(target)
+            self.setup_seconds = time.perf_counter() - started
         try:
             for i, (seed, method, target) in enumerate(cells):
                 if records[i] is None:
@@ -122,7 +132,7 @@ class GridRunner:
         if self.grid.budget.dev_checks > 0 and selected.is_dir():
             metrics["dev_selected"] = self._evaluate(spec, selected, target_dir, target, times, "dev-selected")
         used = [k for k in ("task", "target_language") if k in modules]  # what the target's model holds
-        return {"metrics": metrics, "modules": modules,
+        return {"metrics": metrics, "modules": modules, "test_sentences": len(self._test_set(target)),
                 "trainable": sum(modules[k]["trainable"] for k in used),
                 "stored_bytes": sum(modules[k]["stored_bytes"] for k in used),
                 "module_seconds": round(sum(m["seconds"] for m in modules.values()), 3)}
@@ -223,9 +233,6 @@ class GridRunner:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.grid.model_dir)
         return self._tokenizer
-
-    def test_sizes(self) -> dict[str, int]:
-        return {code: len(s) for code, s in self._test_sets.items()}
 
 
 def _relative(path: Path, root: Path) -> str:
