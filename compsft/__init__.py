@@ -44,11 +44,16 @@ def __getattr__(name: str):
         from . import training
 
         return getattr(training, name)
+    if name == "CompareConfig":  # the harness: `compsft.compare.compare(compsft.CompareConfig(...))`
+        from .compare import CompareConfig
+
+        return CompareConfig
     raise AttributeError(f"module 'compsft' has no attribute {name!r}")
 
 
 __all__ = sorted([
     "AppliedSft",
+    "CompareConfig",
     "CompsftError",
     "FingerprintMismatch",
     "SftConfig",

@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "compsft.commands.languages",
     "compsft.commands.models",
     "compsft.commands.train",
+    "compsft.commands.full_ft",
+    "compsft.commands.compare",
     "compsft.commands.demo",
 )
 

@@ -21,6 +21,8 @@ Strategies (``MASK_STRATEGIES``):
 * ``magnitude``: top-K of |θ0| (a pruning baseline); no phase 1.
 * ``prune-difference``: the lottery-ticket mask, but the SFT is θ1 − θ0 on it (no phase 2): the
   "prune the phase-1 difference to K" baseline.
+* ``prune-retrain``: the lottery-ticket mask, and phase 2 retrains it starting from θ1 − θ0 (and
+  θ1's heads) rather than from θ0: magnitude pruning of the fine-tuning difference, then retraining.
 """
 from __future__ import annotations
 
@@ -114,6 +116,8 @@ class MaskStrategy:
     needs_phase1: bool
     runs_phase2: bool
     help: str
+    #: phase 2 starts from θ1 on the mask (and θ1's heads) instead of θ0: prune, then retrain
+    phase2_from_theta1: bool = False
 
 
 MASK_STRATEGIES: dict[str, MaskStrategy] = {
@@ -124,6 +128,9 @@ MASK_STRATEGIES: dict[str, MaskStrategy] = {
         MaskStrategy("magnitude", magnitude, False, True, "top-K of |θ0|, trained"),
         MaskStrategy("prune-difference", lottery_ticket, True, False,
                      "top-K of |θ1 − θ0|, keep θ1 − θ0 there (no phase 2)"),
+        MaskStrategy("prune-retrain", lottery_ticket, True, True,
+                     "top-K of |θ1 − θ0|, then retrain those entries starting from θ1 (not θ0)",
+                     phase2_from_theta1=True),
     )
 }
 

@@ -22,7 +22,7 @@ Phase = tuple  # (max_epochs | None, min_steps | None, max_steps | None)
 
 
 def _training_args(work: Path, *, lr, batch_size, grad_accum, seed, save_steps, logging_steps,
-                   weight_decay, cpu):
+                   weight_decay, cpu, quiet=False):
     import os
 
     import torch
@@ -36,8 +36,17 @@ def _training_args(work: Path, *, lr, batch_size, grad_accum, seed, save_steps, 
         save_steps=save_steps or 500, save_total_limit=2, logging_steps=logging_steps, report_to=[],
         weight_decay=weight_decay, use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and distributed else None, remove_unused_columns=False, dataloader_num_workers=0,
-        logging_strategy="steps",
+        logging_strategy="no" if quiet else "steps", disable_tqdm=True if quiet else None,
     )
+
+
+def _silence(trainer):
+    """No bar and no printed log lines of the Trainer's own: the caller's callbacks report progress."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
 
 
 def _sft_args(kind, k, density, mask_strategy, mask_seed, phases, l1):
@@ -81,6 +90,7 @@ def train_language_sft(
     resume: bool = False,
     cpu: bool = False,
     callbacks: list | None = None,
+    quiet: bool = False,
 ):
     """Train a language SFT for `lang` by masked language modelling (defaults: the paper's).
 
@@ -136,7 +146,7 @@ def train_language_sft(
         collator = ResumableMlmCollator(tokenizer, mlm_probability=mlm_probability, seed=seed)
     args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                          cpu=cpu)
+                          cpu=cpu, quiet=quiet)
     training = {"corpus": corpus.stats.as_dict(), "text": [str(t) for t in texts],
                 "excluded": [str(p) for p in [*shipped_eval, *exclude]],
                 "vocabulary_fallback": fallback.as_dict() if fallback is not None else None,
@@ -148,6 +158,8 @@ def train_language_sft(
     sft_args = _sft_args("language", k, density, mask_strategy, seed, (phase1, phase2), l1)
     tuner = SparseFineTuner(model=mlm_model, args=args, train_dataset=dataset, data_collator=collator,
                             sft_args=sft_args, sft_config=config, mlm=True, callbacks=callbacks)
+    if quiet:
+        _silence(tuner)
     tuner.train(resume_from_checkpoint=resume)
     tuner.save_sft(out)
     return tuner
@@ -180,6 +192,7 @@ def train_task_sft(
     resume: bool = False,
     cpu: bool = False,
     callbacks: list | None = None,
+    quiet: bool = False,
 ):
     """Train a task SFT with the source language SFT applied (defaults: the paper's POS/DP/NER)."""
     from transformers import AutoTokenizer, set_seed
@@ -215,7 +228,7 @@ def train_task_sft(
     work = work_dir or out.with_name(out.name + ".work")
     args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                          cpu=cpu)
+                          cpu=cpu, quiet=quiet)
     training = {"labels": list(labels), "train": str(train), "sentences": len(sentences),
                 "source_sft": str(source_sft) if source_sft else None,
                 "source_language": source.config.language if source else None}
@@ -224,6 +237,8 @@ def train_task_sft(
     tuner = SparseFineTuner(model=task_model, args=args, train_dataset=dataset,
                             data_collator=spec.collator(tokenizer), sft_args=sft_args, sft_config=config, mlm=False,
                             callbacks=callbacks)
+    if quiet:
+        _silence(tuner)
     tuner.train(resume_from_checkpoint=resume)
     if dev is not None and tuner.is_world_process_zero():
         # The model now holds θ0 + φ_source + φ_task: the in-language dev score.

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 HEADS_FILE = "heads0.safetensors"
 MASK_FILE = "mask.safetensors"
+START_FILE = "phase2-start.safetensors"  # θ1 − θ0 on the mask and θ1's heads, for prune-retrain
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -122,6 +123,7 @@ class SparseFineTuner(Trainer):
         self.phase_info: dict[str, dict] = {}
         self.sft: SparseFineTuning | None = None
         self.masks: dict[str, torch.Tensor] | None = None
+        self.phase2_start: tuple[dict, dict] | None = None  # (values, heads) phase 2 started from, if not θ0
         self._mlm_hooks = MaskedPositionsOnly(self.model) if self.mlm else None
         self._l1_log = [0.0, 0]  # Σ of the L1 term over the micro-batches since the last log, and their count
 
@@ -137,7 +139,7 @@ class SparseFineTuner(Trainer):
         work = Path(self.args.output_dir)
         strategy = get_mask_strategy(self.sft_args.mask_strategy)
         self._init_heads(work / HEADS_FILE, resume)
-        out = None
+        out, start = None, None
         mask_file = work / MASK_FILE
         if resume and mask_file.exists():
             masks = self._load_mask(mask_file)
@@ -149,10 +151,12 @@ class SparseFineTuner(Trainer):
                 t0 = time.perf_counter()
                 masks = strategy.fn(self._theta0, theta1, self.k, seed=self.sft_args.mask_seed)
                 self.phase_info["selection"] = {"seconds": round(time.perf_counter() - t0, 3)}
-                if not strategy.runs_phase2:
+                if not strategy.runs_phase2 or strategy.phase2_from_theta1:
                     values = {n: theta1[n].reshape(-1)[idx.to(theta1[n].device)]
                               - self._theta0[n].reshape(-1)[idx.to(theta1[n].device)] for n, idx in masks.items()}
                     heads = {n: p.detach().clone() for n, p in self._named(self._head_names).items()}
+                    start = (values, heads)
+                if not strategy.runs_phase2:
                     self._check_same_on_all_ranks(masks)
                     self._reset_to_theta0()
                     self._finish(masks, values, heads)
@@ -164,10 +168,15 @@ class SparseFineTuner(Trainer):
             self._check_same_on_all_ranks(masks)
             self._reset_to_theta0()
             if self.is_world_process_zero():
+                if start is not None:  # before the mask: a mask on disk means phase 2 can start
+                    self._save_start(work / START_FILE, *start)
                 self._save_mask(mask_file, masks)
             self._barrier()
         self.masks = masks
         self._sparse = attach_sparse(self.model, masks)
+        if strategy.phase2_from_theta1:  # prune, then retrain: phase 2 starts from θ1 on the mask
+            self.phase2_start = start or self._load_start(work / START_FILE)
+            self._set_phase2_start(*self.phase2_start)
         try:
             out = self._run_phase(2, work, resume, trial, ignore_keys_for_eval)
             heads = {n: p.detach().clone() for n, p in self._named(self._head_names).items()}
@@ -396,6 +405,30 @@ class SparseFineTuner(Trainer):
             raise CompsftError(f"{path}: no mask for tensor {missing[0]!r}")
         self.phase_info.update(json.loads(meta.get("phase_info", "{}")))
         return {n: masks[n] for n in self._eligible_names}
+
+    def _save_start(self, path: Path, values, heads) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {**{f"values/{n}": v.detach().cpu().contiguous() for n, v in values.items()},
+                   **{f"heads/{n}": h.detach().cpu().contiguous() for n, h in heads.items()}}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+
+    def _load_start(self, path: Path) -> tuple[dict, dict]:
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise CompsftError(f"{path}: missing; phase 2 of {self.sft_args.mask_strategy} cannot resume without it")
+        saved = load_file(str(path))
+        return ({n[7:]: t for n, t in saved.items() if n.startswith("values/")},
+                {n[6:]: t for n, t in saved.items() if n.startswith("heads/")})
+
+    def _set_phase2_start(self, values, heads) -> None:
+        with torch.no_grad():
+            for n, sv in self._sparse.items():
+                sv.values.copy_(values[n].to(sv.values.device, sv.values.dtype))
+            for n, p in self._named(self._head_names).items():
+                p.copy_(heads[n].to(p.device, p.dtype))
 
     def _fingerprint_base(self) -> dict:
         # θ0 seen through any applied SFT (a task SFT trains on θ0 + φ_source but records θ0).

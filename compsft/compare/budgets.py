@@ -1,0 +1,66 @@
+"""Named budgets of `compsft compare`: how much every method trains and evaluates.
+
+Every method of a grid gets the same budget (`compsft.methods.base.Budget`): two-phase methods the
+step counts per phase, one-phase methods (full fine-tuning) their sum, so all see the same examples.
+
+``quick``
+    A smoke run of about a minute on 2 CPU cores for the default grid's shape: a few steps, tiny
+    lengths, 30 target sentences. It proves the plumbing, not the method; the tests use it.
+``cpu``
+    The CPU budget (the demo's default since its first version): language modules 40 + 40 MLM steps of
+    batch 8 × 128 sub-words, task modules 80 + 80 steps of batch 16 (full fine-tuning 160), lr 1e-4,
+    4,000 English training sentences, 400 target test sentences, model selection on 200 English dev
+    sentences checked 4 times. Measured on the project's 2-core CPU with the old demo: one language SFT
+    ≈ 100 s, one task SFT ≈ 4 min. **This is the budget that keeps the default grid of `compare` under
+    an hour on 2 cores**: the default grid (POS; lt-sft, task-sft-only, full-ft; wol and mlt; 3 seeds)
+    trains per seed 3 language modules (eng, wol, mlt: ≈ 300 s), one task SFT shared by lt-sft and
+    task-sft-only (≈ 240 s) and one full fine-tuning of as many steps (≈ 240 s), plus 6 evaluations of
+    400 sentences: ≈ 13–14 min per seed, ≈ 40–45 min for the grid (an estimate from the figures above,
+    not a measured run of the whole grid).
+``paper``
+    The paper's budgets (Ansell et al. 2022, as the reference code runs them): language phases of 100
+    epochs with at least 10k and at most 100k steps, task phases of 3 and 10 epochs, batch 8, length 256,
+    lr 5e-5, all data, the paper's K; model selection on the full English dev set after each of the 10
+    epochs of the last task phase. Meant for a GPU: days on a CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from compsft.errors import CompsftError
+from compsft.methods.base import Budget
+
+BUDGETS: dict[str, Budget] = {
+    "quick": Budget(lang_steps=2, lang_epochs=None, lang_max_steps=None, lang_batch=4, lang_max_length=32,
+                    lang_lines=200, lang_lr=1e-4, task_steps=3, task_epochs=None, task_batch=8,
+                    task_max_length=48, task_lr=1e-4, train_sentences=100, dev_sentences=10, dev_checks=2,
+                    eval_sentences=30),
+    "cpu": Budget(lang_steps=40, lang_epochs=None, lang_max_steps=None, lang_batch=8, lang_max_length=128,
+                  lang_lines=None, lang_lr=1e-4, task_steps=80, task_epochs=None, task_batch=16,
+                  task_max_length=128, task_lr=1e-4, train_sentences=4000, dev_sentences=200, dev_checks=4,
+                  eval_sentences=400),
+    "paper": Budget(lang_steps=0, lang_epochs=100.0, lang_max_steps=100_000, lang_min_steps=10_000,
+                    lang_batch=8, lang_max_length=256, lang_lines=None, lang_lr=5e-5, task_steps=0,
+                    task_epochs=(3.0, 10.0), task_batch=8, task_max_length=256, task_lr=5e-5,
+                    train_sentences=None, dev_sentences=None, dev_checks=10, eval_sentences=None),
+}
+
+
+def get_budget(name: str) -> Budget:
+    """A copy of the named budget (callers may change fields without touching the preset)."""
+    if name not in BUDGETS:
+        raise CompsftError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")
+    return dataclasses.replace(BUDGETS[name])
+
+
+def budget_dict(budget: Budget) -> dict:
+    """The budget as JSON-ready data (tuples become lists)."""
+    return json_ready(dataclasses.asdict(budget))
+
+
+def json_ready(value):
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value

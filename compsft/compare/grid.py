@@ -1,0 +1,104 @@
+"""Where a comparison keeps its work, and how it recognises work already done.
+
+Layout under ``--out`` (modules may live elsewhere with `module_cache`, shared between grids)::
+
+    grid.json                                   the grid's definition; --resume must match it
+    modules/language/<language_key>/<code>-seed<S>-<budget>-<digest>/
+        module/        what the method wrote (an SFT directory, a model, ...)
+        work/          checkpoints while it trains (removed when the module is done)
+        module.json    written last: the module is done (ModuleInfo + wall time)
+    modules/task/<task_key>/<task>-<source>-seed<S>-<budget>-<digest>/   the same
+    cells/<method>/<target>/seed<S>.json          a finished cell (metrics, modules, times)
+    cells/<method>/<target>/seed<S>.failed.json   a failed cell (message, traceback); retried on --resume
+    results.json  results.csv  results.md  plot.png
+
+A language module is keyed by (language_key, language, its text and the evaluation files filtered out of
+it, seed, budget, model), so it is trained once and reused across methods with the same key, across targets
+and, with a shared `module_cache`, across tasks. A task module by (task_key, task, source data, the source
+language module it was trained on, seed, budget, model). The digest covers every input; the readable part of
+the name is for people.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from compsft.errors import CompsftError
+
+from .budgets import budget_dict
+from .config import Grid, LanguageSide
+
+GRID_FILE = "grid.json"
+MODULE_FILE = "module.json"
+
+
+def digest(data: Any) -> str:
+    """A short, stable hash of JSON-ready data."""
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def check_grid_file(grid: Grid, resume: bool) -> None:
+    """Record the grid in OUT/grid.json, or check it against the one there (--resume)."""
+    from compsft.atomic import write_text
+
+    path = grid.out / GRID_FILE
+    record = grid.record()
+    if path.is_file():
+        if not resume:
+            raise CompsftError(f"{path}: a comparison is already in {grid.out}; pass --resume to continue it, "
+                               "or choose another --out")
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CompsftError(f"{path}: unreadable grid file ({err})") from None
+        if not isinstance(old, dict):
+            raise CompsftError(f"{path}: not a grid file")
+        changed = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+        if changed:
+            detail = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(record.get(k))} now"
+                               for k in changed)
+            raise CompsftError(f"{path}: --resume with another configuration ({detail[:600]}); "
+                               "use the same settings, or another --out")
+        return
+    write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def _common(grid: Grid, seed: int) -> dict[str, Any]:
+    return {"seed": seed, "budget": budget_dict(grid.budget), "model": str(grid.model_dir)}
+
+
+def language_module_dir(grid: Grid, language_key: str, lang: LanguageSide, seed: int) -> Path:
+    key = {"kind": "language", "key": language_key, "code": lang.code, "texts": list(lang.texts),
+           "exclude": list(grid.exclude), **_common(grid, seed)}
+    return grid.module_cache / "language" / language_key / \
+        f"{lang.code}-seed{seed}-{grid.budget_name}-{digest(key)}"
+
+
+def task_module_dir(grid: Grid, task_key: str, seed: int, source_module: Path | None) -> Path:
+    key = {"kind": "task", "key": task_key, "task": grid.task, "source": grid.source.code,
+           "train": grid.source_train, "dev": grid.source_dev,
+           "source_module": source_module.name if source_module is not None else None, **_common(grid, seed)}
+    return grid.module_cache / "task" / task_key / \
+        f"{grid.task}-{grid.source.code}-seed{seed}-{grid.budget_name}-{digest(key)}"
+
+
+def cell_path(out: Path, method: str, target: str, seed: int, failed: bool = False) -> Path:
+    return out / "cells" / method / target / (f"seed{seed}.failed.json" if failed else f"seed{seed}.json")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file the harness wrote, or None if it is not there (or not readable: it is then redone)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    from compsft.atomic import write_text
+
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -1,0 +1,92 @@
+"""How a comparison reports progress: one bar for the grid (cells), one for the work in flight.
+
+The library's default is tqdm (`TqdmReporter`); `compsft compare` passes a rich implementation. Training
+reports its steps through `StepCallback`, a `transformers.TrainerCallback` every method hands to its
+Trainers (`MethodContext.callbacks`).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Reporter(Protocol):
+    """Receives the grid's progress. `steps_*` describe the work in flight inside the current cell (a
+    training phase, an evaluation); each `steps_start` replaces the previous one."""
+
+    def grid_start(self, total: int, done: int) -> None: ...
+    def cell_start(self, name: str) -> None: ...
+    def steps_start(self, description: str, total: int) -> None: ...
+    def steps_advance(self, n: int = 1) -> None: ...
+    def cell_end(self, name: str, summary: str) -> None: ...
+    def grid_end(self) -> None: ...
+
+
+class NullReporter:
+    """Reports nothing."""
+
+    def grid_start(self, total: int, done: int) -> None: ...
+    def cell_start(self, name: str) -> None: ...
+    def steps_start(self, description: str, total: int) -> None: ...
+    def steps_advance(self, n: int = 1) -> None: ...
+    def cell_end(self, name: str, summary: str) -> None: ...
+    def grid_end(self) -> None: ...
+
+
+class TqdmReporter:
+    """The library's default: a tqdm bar for the grid and one for the work in flight."""
+
+    def __init__(self) -> None:
+        self._grid: Any = None
+        self._steps: Any = None
+
+    def grid_start(self, total: int, done: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._grid = tqdm(total=total, initial=done, desc="grid (cells)", position=0)
+
+    def cell_start(self, name: str) -> None:
+        if self._grid is not None:
+            self._grid.set_postfix_str(name)
+
+    def steps_start(self, description: str, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._close_steps()
+        self._steps = tqdm(total=max(total, 1), desc=description, position=1, leave=False)
+
+    def steps_advance(self, n: int = 1) -> None:
+        if self._steps is not None:
+            self._steps.update(n)
+
+    def cell_end(self, name: str, summary: str) -> None:
+        self._close_steps()
+        if self._grid is not None:
+            self._grid.update(1)
+            self._grid.set_postfix_str(f"{name}: {summary}")
+
+    def grid_end(self) -> None:
+        self._close_steps()
+        if self._grid is not None:
+            self._grid.close()
+            self._grid = None
+
+    def _close_steps(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
+
+
+def step_callback(reporter: Reporter, describe):
+    """A TrainerCallback that shows every Trainer's steps on the reporter's second bar; `describe()` names
+    the module being trained (read at the start of each training run, i.e. of each phase)."""
+    from transformers import TrainerCallback
+
+    class StepCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Resumed runs start at state.global_step; the bar shows the steps still to do.
+            reporter.steps_start(describe(), max(int(state.max_steps or 0) - int(state.global_step or 0), 1))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            reporter.steps_advance(1)
+
+    return StepCallback()
