@@ -88,7 +88,7 @@ def test_bad_input_is_a_clear_error(assets, tmp_path):
     empty.write_text("\n")
     from compsft.errors import CompsftError
 
-    with pytest.raises(CompsftError, match="not a model directory"):
+    with pytest.raises(CompsftError, match="not a (model|local) directory"):
         CliRunner().invoke(app, ["train-language", "--model", str(tmp_path / "nope"), "--lang", "mlt",
                                  "--out", str(tmp_path / "x")], catch_exceptions=False)
     with pytest.raises(CompsftError, match="no MLM text|no text|empty"):

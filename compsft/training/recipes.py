@@ -252,10 +252,9 @@ def train_task_sft(
 
 
 def _check_model_dir(model: Path) -> None:
-    from ..errors import CompsftError
+    from ..paths import local_dir
 
-    if not model.is_dir() or not (model / "config.json").is_file():
-        raise CompsftError(f"{model}: not a model directory (no config.json)")
+    local_dir(model, "model")  # never a hub name; the one check every command uses
 
 
 def _vocab(tokenizer):
