@@ -298,3 +298,87 @@ def test_madx_task_adapter_leaves_base_frozen(tiny_world, tmp_path):
     assert torch.equal(captured["base"], base)
     for k, v in lang_before.items():
         assert torch.equal(captured["lang"][k], v), k
+
+
+# -- LoRA through peft ------------------------------------------------------------------------------
+
+def test_lora_train_language_task_assemble(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTokenClassification
+
+    from compsft.methods import lora
+
+    ctx = _ctx(tiny_world, tmp_path)
+    counts = lora.METHOD.parameter_counts(ctx, "pos")
+    src = lora.METHOD.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang_src")
+    lora.METHOD.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, tmp_path / "lang_tgt")
+    assert src.trainable == counts["language_trainable"] and src.extra["rank"] == counts["language_rank"]
+    task = lora.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang_src", 0,
+                                  tmp_path / "task")
+    n_labels = len(lora.read_side_config(tmp_path / "task", "task")["labels"])
+    assert task.trainable == counts["task_trainable"] + 16 * n_labels + n_labels
+    model, labels = lora.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_tgt")
+    assert len(labels) == n_labels
+    # Composition is the merged sum: W = W0 + s·B_lang A_lang + s·B_task A_task on every adapted layer.
+    base = AutoModelForTokenClassification.from_pretrained(tiny_world["model"], num_labels=n_labels)
+    name = "bert.encoder.layer.1.intermediate.dense"
+    expected = dict(base.named_parameters())[name + ".weight"].detach().clone()
+    for part in ("lang_tgt", "task"):
+        cfg = json.loads((tmp_path / part / "adapter_config.json").read_text())
+        t = load_file(str(tmp_path / part / "adapter_model.safetensors"))
+        a = next(v for k, v in t.items() if k.endswith(f"{name}.lora_A.weight"))
+        b = next(v for k, v in t.items() if k.endswith(f"{name}.lora_B.weight"))
+        expected += cfg["lora_alpha"] / cfg["r"] * (b @ a)
+    got = dict(model.named_parameters())[name + ".weight"]
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged: a plain model again
+    other, _ = lora.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_src")
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - other(input_ids=ids).logits).abs().max() > 0
+
+
+def test_lora_merge_unmerge_restores_base_within_bound():
+    """peft's merge then unmerge adds and subtracts ΔW in fp32: each weight comes back within
+    2 ulp of max(|W|, |W + ΔW|) (rounding of one add and one subtract), and the merged model computes
+    what the unmerged one (LoRA active beside the layer) computes."""
+    from peft import get_peft_model
+
+    from compsft.methods import lora
+
+    model = _tiny_tagger()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, lora._lora_config(4, lora.LoraSettings()))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:  # B starts at zero; make ΔW non-trivial
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(5, 60, (2, 7))
+    with torch.no_grad():
+        active = peft_model(input_ids=ids).logits
+        peft_model.merge_adapter()
+        merged = peft_model(input_ids=ids).logits
+        merged_w = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
+                    for n, p in peft_model.named_parameters() if "lora_" not in n}
+        peft_model.unmerge_adapter()
+    assert torch.allclose(active, merged, atol=1e-5)
+    changed = 0
+    for n, p in peft_model.named_parameters():
+        if "lora_" in n:
+            continue
+        key = n.replace("base_model.model.", "").replace(".base_layer", "")
+        bound = 2 * torch.finfo(torch.float32).eps * torch.maximum(before[key].abs(), merged_w[key].abs())
+        assert ((p.detach() - before[key]).abs() <= bound).all(), key
+        changed += int(not torch.equal(merged_w[key], before[key]))
+    assert changed == 2 * 6  # 6 adapted linears per layer, 2 layers: merging did change them
+
+
+def test_lora_rank_matches_k():
+    from compsft.methods import lora
+    from compsft.training.params import eligible_parameters, resolve_k
+
+    model = _tiny_tagger()
+    rank, k = lora.rank_for_k(model, "task", density=0.05)
+    per_rank = 2 * (4 * (16 + 16) + (16 + 32) + (32 + 16))  # q, k, v, attn-out; intermediate; output
+    assert k == resolve_k(sum(p.numel() for p in eligible_parameters(model).values()), density=0.05)
+    assert rank == max(1, round(k / per_rank))
+    assert abs(rank * per_rank - k) <= per_rank / 2 or rank == 1

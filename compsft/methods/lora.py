@@ -1,0 +1,298 @@
+"""LoRA (Hu et al. 2022) through `peft`: a language LoRA by MLM, a task LoRA on top of the merged source one.
+
+Composition rule (merged sum): for a target language T the task model's weights are
+W = W0 + ΔW_T + ΔW_task, with ΔW = (alpha / r) · B A for every adapted linear layer: the target
+language LoRA is merged into θ0 first, then the task LoRA (`peft`'s `merge_and_unload`, twice). That is
+the same function as both LoRAs active side by side (each adds its ΔW to the layer's output), merged so
+inference costs nothing extra. The task LoRA was trained the same way, on θ0 + ΔW_source merged.
+
+* target modules: every linear layer of every transformer layer (query, key, value, attention output,
+  intermediate, output), none of the heads;
+* rank: chosen so trainable parameters match the paper's K (`compsft.training.params.resolve_k` with the
+  budget's density, the paper's language / task K scaled to the model by default): r = round(K / Σ(in + out))
+  over the adapted layers; alpha = r (scale 1);
+* files: `peft`'s own `adapter_model.safetensors` + `adapter_config.json`, written atomically, plus
+  `lora_config.json` (kind, labels, vocabulary, training) and `head.safetensors` for a task LoRA.
+
+The module defining the method: this one (`METHOD` = "lora").
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compsft.errors import CompsftError
+
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+
+#: every linear layer inside the transformer layers of a BERT-family encoder (a full-match regex for peft)
+TARGET_MODULES = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+                  r"|intermediate\.dense|output\.dense)")
+SIDE_CONFIG = "lora_config.json"
+HEAD_NAME = "head.safetensors"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters that are not set by the budget."""
+
+    dropout: float = 0.0
+    lang_lr: float | None = 2e-4
+    task_lr: float | None = 2e-4
+
+
+SETTINGS = LoraSettings()
+
+
+# -- rank ----------------------------------------------------------------------------------------
+
+def _target_linears(model) -> dict[str, torch.nn.Linear]:
+    import re
+
+    pattern = re.compile(TARGET_MODULES)
+    found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)}
+    if not found:
+        raise CompsftError(f"{type(model).__name__}: no linear layers under encoder.layer.* for LoRA")
+    return found
+
+
+def rank_for_k(model, kind: str, density: float | None) -> tuple[int, int]:
+    """(rank, K): the LoRA rank whose trainable parameters come closest to K (at least 1)."""
+    from compsft.training.params import eligible_parameters, resolve_k
+
+    k = resolve_k(sum(p.numel() for p in eligible_parameters(model).values()), density=density, kind=kind)
+    per_rank = sum(m.in_features + m.out_features for m in _target_linears(model).values())
+    return max(1, round(k / per_rank)), k
+
+
+def _lora_config(rank: int, settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=settings.dropout, target_modules=TARGET_MODULES,
+                      bias="none")
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+def _save(out: Path, peft_model, side: dict, head: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from compsft.atomic import atomic_path
+
+    with atomic_path(out) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        if head:
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(tmp / HEAD_NAME))
+        (tmp / SIDE_CONFIG).write_text(json.dumps(side, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_side_config(directory: Path, kind: str) -> dict:
+    path = Path(directory) / SIDE_CONFIG
+    if not path.is_file():
+        raise CompsftError(f"{path}: not found (is {directory} a LoRA module?)")
+    try:
+        side = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompsftError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(side, dict):
+        raise CompsftError(f"{path}: expected a JSON object")
+    if side.get("kind") != kind:
+        raise CompsftError(f"{path}: field 'kind' is {side.get('kind')!r}, expected {kind!r}")
+    if kind == "task" and (not isinstance(side.get("labels"), list) or not side["labels"]
+                           or not all(isinstance(x, str) for x in side["labels"])):
+        raise CompsftError(f"{path}: field 'labels' must be a non-empty list of strings")
+    if kind == "task" and not isinstance(side.get("task"), str):
+        raise CompsftError(f"{path}: field 'task' is missing")
+    return side
+
+
+def merge_lora(model, directory: Path):
+    """θ ← θ + (alpha / r) · B A for the LoRA in `directory`; returns the plain model (no peft wrapper)."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise CompsftError(f"{directory / 'adapter_config.json'}: not found (is {directory} a LoRA module?)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(directory))
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        raise CompsftError(f"{directory}: cannot load this LoRA ({e})") from None
+    return peft_model.merge_and_unload()
+
+
+def _vocab(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    from compsft.vocab import vocab_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer, vocab_fingerprint(tokenizer)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# -- the method ----------------------------------------------------------------------------------
+
+def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
+                   settings: LoraSettings = SETTINGS) -> ModuleInfo:
+    """A language LoRA trained by MLM on `data`'s text (compsft's MLM pipeline), written to `out`."""
+    from peft import get_peft_model
+    from transformers import AutoModelForMaskedLM, Trainer, set_seed
+
+    from compsft.languages import corpus_files, eval_files, load_mlm_corpus, tokenize_for_mlm
+    from compsft.training.collators import ResumableMlmCollator
+    from compsft.training.mlm import MaskedPositionsOnly
+
+    from .adapters.recipes import _final_loss, _train, _work_dir, language_steps, training_args
+
+    started = time.perf_counter()
+    out, budget = Path(out), ctx.budget
+    set_seed(seed)
+    texts = list(data.texts) or corpus_files(data.code)
+    try:
+        exclude = [*eval_files(data.code), *data.exclude]
+    except CompsftError:
+        exclude = list(data.exclude)
+    corpus = load_mlm_corpus(texts, exclude=exclude, max_lines=budget.lang_lines)
+    tokenizer, vocab = _vocab(ctx.model_dir)
+    dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=budget.lang_max_length)
+    model = AutoModelForMaskedLM.from_pretrained(ctx.model_dir)
+    rank, k = rank_for_k(model, "language", budget.lang_density)
+    masked_only = MaskedPositionsOnly(model)  # on the bare model, before peft wraps it
+    peft_model = get_peft_model(model, _lora_config(rank, settings))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    steps = language_steps(budget, len(dataset))
+    work = _work_dir(ctx, out)
+    args = training_args(ctx, work, lr=settings.lang_lr or budget.lang_lr, batch=budget.lang_batch, seed=seed,
+                         steps=steps)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset,
+                      data_collator=ResumableMlmCollator(tokenizer, mlm_probability=0.15, seed=seed),
+                      callbacks=list(ctx.callbacks))
+    _train(trainer, ctx, work)
+    masked_only.remove()
+    side = {"format": "compsft.lora", "kind": "language", "language": data.code, "rank": rank, "k": k,
+            "base_model": str(ctx.model_dir), "vocab": vocab,
+            "training": {"steps": steps, "examples": len(dataset), "corpus": corpus.stats.as_dict(),
+                         "lr": args.learning_rate, "seed": seed, "final_loss": _final_loss(trainer)}}
+    _save(out, peft_model, side)
+    return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
+                      extra={"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]})
+
+
+def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None, seed: int, out: Path,
+               settings: LoraSettings = SETTINGS) -> ModuleInfo:
+    """A task LoRA (and head) trained on θ0 with the source language LoRA merged in; written to `out`."""
+    from peft import get_peft_model
+    from transformers import Trainer, set_seed
+
+    from compsft.tasks import get_task, resolve_data
+    from compsft.vocab import require_same_vocab
+
+    from .adapters.recipes import _final_loss, _train, _work_dir, task_steps, training_args
+
+    started = time.perf_counter()
+    out, budget = Path(out), ctx.budget
+    spec = get_task(data.task)
+    set_seed(seed)
+    sentences = spec.read(resolve_data(data.train))
+    if budget.train_sentences:
+        sentences = sentences[:budget.train_sentences]
+    if not sentences:
+        raise CompsftError(f"{data.train}: no sentences")
+    labels = spec.label_list(sentences)
+    tokenizer, vocab = _vocab(ctx.model_dir)
+    model = spec.build_model(ctx.model_dir, labels)
+    head_names = spec.head_param_names(model)
+    if source_language is not None:
+        side = read_side_config(Path(source_language), "language")
+        require_same_vocab(side.get("vocab"), vocab, f"language LoRA {source_language}")
+        model = merge_lora(model, Path(source_language))
+    rank, k = rank_for_k(model, "task", budget.task_density)
+    peft_model = get_peft_model(model, _lora_config(rank, settings))
+    params = dict(model.named_parameters())
+    for name in head_names:  # peft froze everything but the LoRA matrices: the task head trains too
+        params[name].requires_grad_(True)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    dataset = spec.encode(sentences, tokenizer, labels, max_length=budget.task_max_length)
+    steps = task_steps(budget, len(dataset))
+    work = _work_dir(ctx, out)
+    args = training_args(ctx, work, lr=settings.task_lr or budget.task_lr, batch=budget.task_batch, seed=seed,
+                         steps=steps)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=spec.collator(tokenizer),
+                      callbacks=list(ctx.callbacks))
+    _train(trainer, ctx, work)
+    side = {"format": "compsft.lora", "kind": "task", "task": spec.name, "labels": list(labels), "rank": rank,
+            "k": k, "base_model": str(ctx.model_dir), "vocab": vocab,
+            "training": {"steps": steps, "examples": len(dataset), "train": str(data.train),
+                         "source_language": str(source_language) if source_language else None,
+                         "lr": args.learning_rate, "seed": seed, "final_loss": _final_loss(trainer)}}
+    _save(out, peft_model, side, head={n: params[n] for n in head_names})
+    return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
+                      extra={"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]})
+
+
+def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> tuple[Any, list[str]]:
+    """θ0 + ΔW_target + ΔW_task, both merged (see the module docstring), with the task head."""
+    from safetensors.torch import load_file
+
+    from compsft.tasks import get_task
+    from compsft.vocab import require_same_vocab
+
+    task_dir = Path(task_dir)
+    side = read_side_config(task_dir, "task")
+    _, vocab = _vocab(ctx.model_dir)
+    require_same_vocab(side.get("vocab"), vocab, f"task LoRA {task_dir}")
+    spec = get_task(side["task"])
+    model = spec.build_model(ctx.model_dir, side["labels"])
+    head_file = task_dir / HEAD_NAME
+    try:
+        head = load_file(str(head_file))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types
+        raise CompsftError(f"{head_file}: not a readable safetensors file ({e})") from None
+    params = dict(model.named_parameters())
+    for name, value in head.items():
+        if name not in params or params[name].shape != value.shape:
+            raise CompsftError(f"{head_file}: tensor {name!r} does not fit the task model")
+        if not torch.isfinite(value).all():
+            raise CompsftError(f"{head_file}: tensor {name!r} has non-finite values")
+        with torch.no_grad():
+            params[name].copy_(value)
+    if language_dir is not None:
+        lang_side = read_side_config(Path(language_dir), "language")
+        require_same_vocab(lang_side.get("vocab"), vocab, f"language LoRA {language_dir}")
+        model = merge_lora(model, Path(language_dir))
+    model = merge_lora(model, task_dir)
+    model.to(ctx.device).eval()
+    return model, list(side["labels"])
+
+
+def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
+    """Trainable (= stored) LoRA parameters of a language and a task LoRA at the budget's K (head not counted)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(ctx.model_dir)
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        model = AutoModelForMaskedLM.from_config(config)
+    per_rank = sum(m.in_features + m.out_features for m in _target_linears(model).values())
+    out = {}
+    for kind, density in (("language", ctx.budget.lang_density), ("task", ctx.budget.task_density)):
+        rank, _ = rank_for_k(model, kind, density)
+        out[f"{kind}_trainable"] = out[f"{kind}_stored"] = rank * per_rank
+        out[f"{kind}_rank"] = rank
+    return out
+
+
+METHOD = MethodSpec(
+    name="lora", description="LoRA via peft: language LoRA by MLM, task LoRA on the merged source LoRA; "
+                             "rank matched to the paper's K",
+    composition="θ0 + ΔW(target language LoRA) + ΔW(task LoRA), both merged into the weights",
+    train_language=train_language, train_task=train_task, assemble=assemble, parameter_counts=parameter_counts,
+)
