@@ -241,7 +241,7 @@ def test_madx_train_language_task_assemble(tiny_world, tmp_path, method_name):
     ctx = _ctx(tiny_world, tmp_path, dev_checks=2)
     counts = spec.parameter_counts(ctx, "pos")
     src = spec.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang_src")
-    tgt = spec.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, tmp_path / "lang_tgt")
+    spec.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, tmp_path / "lang_tgt")
     assert src.trainable == counts["language_trainable"]
     assert src.stored_bytes > 4 * counts["language_stored"]
     config, tensors, head = load_adapter_files(tmp_path / "lang_src")
@@ -382,3 +382,77 @@ def test_lora_rank_matches_k():
     assert k == resolve_k(sum(p.numel() for p in eligible_parameters(model).values()), density=0.05)
     assert rank == max(1, round(k / per_rank))
     assert abs(rank * per_rank - k) <= per_rank / 2 or rank == 1
+
+
+# -- Hydra ------------------------------------------------------------------------------------------
+
+def _hydra_on_tiny(rank=3, seed=6):
+    from compsft.methods import hydra
+
+    model = _tiny_tagger()
+    layers = {n: [m.in_features, m.out_features] for n, m in hydra.target_linears(model).items()}
+    config = hydra.HydraConfig(kind="task", task="pos", labels=["A", "B", "C"], rank=rank, layers=layers, scale=0.7)
+    bank = hydra.attach(model, config)
+    _randomise(bank, seed, scale=0.3)
+    return hydra, model, config, bank
+
+
+def test_hydra_branches_follow_the_formula():
+    hydra, model, config, bank = _hydra_on_tiny()
+    name = "bert.encoder.layer.0.intermediate.dense"
+    layer = dict(model.named_modules())[name]
+    b = bank.branches[name.replace(".", "/")]
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        base = x @ layer.weight.T + layer.bias
+        want = base + 0.7 * (x @ b.Ap.T @ b.Bp.T) + 0.7 * (base @ b.As.T @ b.Bs.T)
+        assert torch.allclose(layer(x), want, atol=1e-6)
+
+
+def test_hydra_merge_matches_hooks_and_unmerge_restores_within_bound():
+    """Merged weights compute what the hooks compute (1e-5); unmerging by solving (I + s·Bs As) W0 = W − s·Bp Ap
+    in float64 restores every base weight within 1e-5 (fp32 rounding of the merged weights, amplified by
+    the condition number of I + s·Bs As, which is small at these scales)."""
+    hydra, model, config, bank = _hydra_on_tiny()
+    tensors = {f"{k.replace('/', '.')}.{p}": getattr(b, p).detach().clone()
+               for k, b in bank.branches.items() for p in hydra.PARTS}
+    with torch.no_grad():  # BERT's init leaves biases at zero, where the bias part of the merge is invisible
+        for layer in hydra.target_linears(model).values():
+            layer.bias.normal_(std=0.1)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(hydra.BANK_ATTR)}
+    ids = torch.randint(5, 60, (2, 7))
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        hydra.merge(model)
+        assert not hasattr(model, hydra.BANK_ATTR)
+        merged = model(input_ids=ids).logits
+    assert torch.allclose(hooked, merged, atol=1e-5)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, base[n])]
+    assert len(changed) == 2 * 6 * 2  # weight and bias of 6 linears in 2 layers
+    hydra.unmerge(model, config, tensors)
+    worst = max((p - base[n]).abs().max().item() for n, p in model.named_parameters())
+    assert worst <= 1e-5
+
+
+def test_hydra_train_language_task_assemble(tiny_world, tmp_path):
+    from compsft.methods import hydra
+
+    ctx = _ctx(tiny_world, tmp_path)
+    counts = hydra.METHOD.parameter_counts(ctx, "pos")
+    src = hydra.METHOD.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang_src")
+    hydra.METHOD.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, tmp_path / "lang_tgt")
+    assert src.trainable == counts["language_trainable"]
+    task = hydra.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang_src", 0,
+                                   tmp_path / "task")
+    config, _, head = hydra.load(tmp_path / "task")
+    n = len(config.labels)
+    assert task.trainable == counts["task_trainable"] + 16 * n + n and set(head) == {"classifier.weight", "classifier.bias"}
+    model, labels = hydra.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_tgt")
+    other, _ = hydra.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_src")
+    assert labels == config.labels and not hasattr(model, hydra.BANK_ATTR)
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - other(input_ids=ids).logits).abs().max() > 0
+    (tmp_path / "task" / hydra.CONFIG_NAME).write_text('{"kind": "task", "rank": 0, "layers": {}}')
+    with pytest.raises(CompsftError, match=r"hydra_config\.json.*rank"):
+        hydra.load(tmp_path / "task")

@@ -19,7 +19,6 @@ The module defining the method: this one (`METHOD` = "lora").
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,23 +146,16 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
     from peft import get_peft_model
     from transformers import AutoModelForMaskedLM, Trainer, set_seed
 
-    from compsft.languages import corpus_files, eval_files, load_mlm_corpus, tokenize_for_mlm
     from compsft.training.collators import ResumableMlmCollator
     from compsft.training.mlm import MaskedPositionsOnly
 
-    from .adapters.recipes import _final_loss, _train, _work_dir, language_steps, training_args
+    from .adapters.recipes import _final_loss, _train, _work_dir, language_steps, mlm_data, training_args
 
     started = time.perf_counter()
     out, budget = Path(out), ctx.budget
     set_seed(seed)
-    texts = list(data.texts) or corpus_files(data.code)
-    try:
-        exclude = [*eval_files(data.code), *data.exclude]
-    except CompsftError:
-        exclude = list(data.exclude)
-    corpus = load_mlm_corpus(texts, exclude=exclude, max_lines=budget.lang_lines)
-    tokenizer, vocab = _vocab(ctx.model_dir)
-    dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=budget.lang_max_length)
+    mlm = mlm_data(ctx, data)
+    dataset, tokenizer, vocab = mlm.dataset, mlm.tokenizer, mlm.vocab
     model = AutoModelForMaskedLM.from_pretrained(ctx.model_dir)
     rank, k = rank_for_k(model, "language", budget.lang_density)
     masked_only = MaskedPositionsOnly(model)  # on the bare model, before peft wraps it
@@ -180,7 +172,7 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
     masked_only.remove()
     side = {"format": "compsft.lora", "kind": "language", "language": data.code, "rank": rank, "k": k,
             "base_model": str(ctx.model_dir), "vocab": vocab,
-            "training": {"steps": steps, "examples": len(dataset), "corpus": corpus.stats.as_dict(),
+            "training": {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats,
                          "lr": args.learning_rate, "seed": seed, "final_loss": _final_loss(trainer)}}
     _save(out, peft_model, side)
     return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
@@ -193,22 +185,15 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     from peft import get_peft_model
     from transformers import Trainer, set_seed
 
-    from compsft.tasks import get_task, resolve_data
     from compsft.vocab import require_same_vocab
 
-    from .adapters.recipes import _final_loss, _train, _work_dir, task_steps, training_args
+    from .adapters.recipes import _final_loss, _train, _work_dir, task_data, task_steps, training_args
 
     started = time.perf_counter()
     out, budget = Path(out), ctx.budget
-    spec = get_task(data.task)
     set_seed(seed)
-    sentences = spec.read(resolve_data(data.train))
-    if budget.train_sentences:
-        sentences = sentences[:budget.train_sentences]
-    if not sentences:
-        raise CompsftError(f"{data.train}: no sentences")
-    labels = spec.label_list(sentences)
-    tokenizer, vocab = _vocab(ctx.model_dir)
+    sup = task_data(ctx, data)
+    spec, sentences, labels, tokenizer, vocab = sup.spec, sup.sentences, sup.labels, sup.tokenizer, sup.vocab
     model = spec.build_model(ctx.model_dir, labels)
     head_names = spec.head_param_names(model)
     if source_language is not None:

@@ -112,6 +112,56 @@ def _final_loss(trainer) -> float | None:
     return float(losses[-1]) if losses else None
 
 
+# -- data (shared by the adapter-family methods) -------------------------------------------------
+
+@dataclass
+class MlmData:
+    dataset: Any
+    tokenizer: Any
+    vocab: dict
+    texts: list
+    corpus_stats: dict
+
+
+def mlm_data(ctx: MethodContext, data: LanguageData) -> MlmData:
+    """The language's MLM examples through compsft's pipeline: shipped or given text, evaluation sentences
+    excluded, `tokenize_for_mlm` at the budget's length and line count."""
+    from compsft.languages import corpus_files, eval_files, load_mlm_corpus, tokenize_for_mlm
+
+    texts = list(data.texts) or corpus_files(data.code)
+    try:
+        exclude = [*eval_files(data.code), *data.exclude]
+    except CompsftError:  # a language outside the catalogue: only what the caller excludes
+        exclude = list(data.exclude)
+    corpus = load_mlm_corpus(texts, exclude=exclude, max_lines=ctx.budget.lang_lines)
+    tokenizer, vocab = _vocab(ctx.model_dir)
+    dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=ctx.budget.lang_max_length)
+    return MlmData(dataset, tokenizer, vocab, [str(t) for t in texts], corpus.stats.as_dict())
+
+
+@dataclass
+class SupervisedData:
+    spec: Any
+    sentences: list
+    labels: list
+    tokenizer: Any
+    vocab: dict
+
+
+def task_data(ctx: MethodContext, data: TaskData) -> SupervisedData:
+    """The source training sentences (the budget's first N), their label set and the tokenizer."""
+    from compsft.tasks import get_task, resolve_data
+
+    spec = get_task(data.task)
+    sentences = spec.read(resolve_data(data.train))
+    if ctx.budget.train_sentences:
+        sentences = sentences[:ctx.budget.train_sentences]
+    if not sentences:
+        raise CompsftError(f"{data.train}: no sentences")
+    tokenizer, vocab = _vocab(ctx.model_dir)
+    return SupervisedData(spec, sentences, list(spec.label_list(sentences)), tokenizer, vocab)
+
+
 # -- language adapters ---------------------------------------------------------------------------
 
 def train_language_adapter(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
@@ -119,21 +169,14 @@ def train_language_adapter(ctx: MethodContext, data: LanguageData, seed: int, ou
     """A MAD-X language adapter for `data.code`, trained by MLM; written to `out`."""
     from transformers import AutoModelForMaskedLM, Trainer, set_seed
 
-    from compsft.languages import corpus_files, eval_files, load_mlm_corpus, tokenize_for_mlm
     from compsft.training.collators import ResumableMlmCollator
     from compsft.training.mlm import MaskedPositionsOnly
 
     started = time.perf_counter()
     out, budget = Path(out), ctx.budget
     set_seed(seed)
-    texts = list(data.texts) or corpus_files(data.code)
-    try:
-        exclude = [*eval_files(data.code), *data.exclude]
-    except CompsftError:  # a language outside the catalogue: only what the caller excludes
-        exclude = list(data.exclude)
-    corpus = load_mlm_corpus(texts, exclude=exclude, max_lines=budget.lang_lines)
-    tokenizer, vocab = _vocab(ctx.model_dir)
-    dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=budget.lang_max_length)
+    mlm = mlm_data(ctx, data)
+    dataset, tokenizer, vocab = mlm.dataset, mlm.tokenizer, mlm.vocab
     model = AutoModelForMaskedLM.from_pretrained(ctx.model_dir)
     # Before the adapter bank is added: the hook finds the MLM head as the model's one non-encoder child.
     masked_only = MaskedPositionsOnly(model)
@@ -156,9 +199,8 @@ def train_language_adapter(ctx: MethodContext, data: LanguageData, seed: int, ou
                       callbacks=list(ctx.callbacks))
     _train(trainer, ctx, work)
     masked_only.remove()
-    config.training = {"steps": steps, "examples": len(dataset), "corpus": corpus.stats.as_dict(),
-                       "text": [str(t) for t in texts], "max_length": budget.lang_max_length,
-                       "lr": args.learning_rate, "batch": budget.lang_batch, "seed": seed,
+    config.training = {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats, "text": mlm.texts,
+                       "max_length": budget.lang_max_length, "lr": args.learning_rate, "batch": budget.lang_batch, "seed": seed,
                        "final_loss": _final_loss(trainer)}
     save_adapter_files(out, config, adapter_bank(model).adapters[LANG].tensors())
     return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
@@ -219,19 +261,13 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
     """A task adapter (and head) trained on `Stack(source language adapter, task adapter)`; written to `out`."""
     from transformers import Trainer, set_seed
 
-    from compsft.tasks import get_task, resolve_data
+    from compsft.tasks import resolve_data
 
     started = time.perf_counter()
     out, budget = Path(out), ctx.budget
-    spec = get_task(data.task)
     set_seed(seed)
-    sentences = spec.read(resolve_data(data.train))
-    if budget.train_sentences:
-        sentences = sentences[:budget.train_sentences]
-    if not sentences:
-        raise CompsftError(f"{data.train}: no sentences")
-    labels = spec.label_list(sentences)
-    tokenizer, vocab = _vocab(ctx.model_dir)
+    sup = task_data(ctx, data)
+    spec, sentences, labels, tokenizer, vocab = sup.spec, sup.sentences, sup.labels, sup.tokenizer, sup.vocab
     model = spec.build_model(ctx.model_dir, labels)
     head_names = spec.head_param_names(model)  # before the adapter bank joins the model's children
     if source_language is not None:
