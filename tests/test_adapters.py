@@ -456,3 +456,64 @@ def test_hydra_train_language_task_assemble(tiny_world, tmp_path):
     (tmp_path / "task" / hydra.CONFIG_NAME).write_text('{"kind": "task", "rank": 0, "layers": {}}')
     with pytest.raises(CompsftError, match=r"hydra_config\.json.*rank"):
         hydra.load(tmp_path / "task")
+
+
+# -- MoSA ------------------------------------------------------------------------------------------
+
+def test_mosa_split_masks_partition_and_merge_is_dense():
+    from compsft.methods.adapters import split
+
+    model = _tiny_tagger()
+    adapter = add_adapter(model, "a", _config(reduction_factor=2))
+    _randomise(adapter, 7)
+    dense = {k: v.clone() for k, v in adapter.tensors().items()}
+    controller = split.SplitController(3, seed=0)
+    names = split.split(adapter, controller, seed=0)
+    assert len(names) == 2 * 2  # down and up of 2 layers
+    layer = adapter.layers["0"].adapter_up
+    seen = torch.zeros_like(dense["layers.0.adapter_up.weight"])
+    adapter.train()
+    for i in range(3):
+        controller.active = i
+        part = layer.weight
+        assert torch.all((part == 0) | (part == dense["layers.0.adapter_up.weight"]))
+        seen += (part != 0).float()
+    assert torch.equal(seen, torch.ones_like(seen))  # disjoint and covering: every entry in exactly one
+    draws = {controller.draw(step) for step in range(20)}
+    assert draws == {0, 1, 2} and controller.draw(5) == controller.draw(5)  # random, reproducible per step
+    split.merge(adapter, controller)
+    for k, v in adapter.tensors().items():  # back to plain parameters, values unchanged
+        assert torch.equal(v, dense[k]), k
+
+
+def test_mosa_train_language_task_assemble(tiny_world, tmp_path):
+    from compsft.methods import mosa
+
+    from transformers import TrainerCallback
+
+    ctx = _ctx(tiny_world, tmp_path)
+    counts = mosa.METHOD.parameter_counts(ctx, "pos")
+    seen = {}
+
+    def raw_weight(model):  # the stored (dense) weight, not the masked view the forward pass sees
+        return model.compsft_adapters.adapters["lang"].layers["0"].adapter_down[0].parametrizations.weight.original
+
+    class FirstStep(TrainerCallback):  # Adam's first step moves only entries with a gradient: one sub-module
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["before"] = raw_weight(model).detach().clone()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 1:
+                seen["moved"] = (raw_weight(model).detach() != seen["before"]).float().mean().item()
+
+    ctx.callbacks = [FirstStep()]
+    info = mosa.METHOD.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang")
+    assert info.trainable == counts["language_trainable"]
+    assert 0.1 < seen["moved"] < 0.4  # about 1 / N_SPLITS of the entries
+    ctx.callbacks = []
+    mosa.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang", 0, tmp_path / "task")
+    config, tensors, _ = load_adapter_files(tmp_path / "task")  # merged: the ordinary dense adapter format
+    assert config.training["mosa_splits"] == mosa.N_SPLITS
+    assert all((t != 0).float().mean() > 0.9 for k, t in tensors.items() if k.endswith("down.0.weight"))
+    model, _ = mosa.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang")
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())

@@ -48,6 +48,29 @@ class MadxSettings:
     #: the learning rate of MAD-X (1e-4 for language and task adapters); None: the budget's
     lang_lr: float | None = 1e-4
     task_lr: float | None = 1e-4
+    #: MoSA: split each trained adapter's weight matrices into this many disjoint random sparse sub-modules,
+    #: train one (drawn at random) per step, merge afterwards (`split.py`); 0: ordinary dense training
+    mosa_splits: int = 0
+
+
+def _split_for_training(model, name: str, settings: MadxSettings, seed: int, callbacks: list):
+    """With MoSA settings: split adapter `name` and draw a sub-module per step; returns what `_merge_split` needs."""
+    if settings.mosa_splits < 2:
+        return None
+    from . import split
+
+    adapter = adapter_bank(model).adapters[name]
+    controller = split.SplitController(settings.mosa_splits, seed)
+    split.split(adapter, controller, seed)
+    callbacks.append(split.DrawSubModule(controller))
+    return adapter, controller
+
+
+def _merge_split(handle) -> None:
+    if handle is not None:
+        from . import split
+
+        split.merge(*handle)
 
 
 # -- budgets -------------------------------------------------------------------------------------
@@ -195,11 +218,14 @@ def train_language_adapter(ctx: MethodContext, data: LanguageData, seed: int, ou
     args = training_args(ctx, work, lr=settings.lang_lr or budget.lang_lr, batch=budget.lang_batch, seed=seed,
                          steps=steps)
     collator = ResumableMlmCollator(tokenizer, mlm_probability=0.15, seed=seed)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=list(ctx.callbacks))
+    callbacks = list(ctx.callbacks)
+    split_handle = _split_for_training(model, LANG, settings, seed, callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
     _train(trainer, ctx, work)
+    _merge_split(split_handle)
     masked_only.remove()
     config.training = {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats, "text": mlm.texts,
+                       "mosa_splits": settings.mosa_splits,
                        "max_length": budget.lang_max_length, "lr": args.learning_rate, "batch": budget.lang_batch, "seed": seed,
                        "final_loss": _final_loss(trainer)}
     save_adapter_files(out, config, adapter_bank(model).adapters[LANG].tensors())
@@ -297,12 +323,15 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
         selection = _DevSelection(spec, tokenizer, spec.prepare_gold(dev, labels), labels, check_at, state)
         selection.model = model
         callbacks.append(selection.callback)
+    split_handle = _split_for_training(model, TASK, settings, seed, callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=spec.collator(tokenizer),
                       callbacks=callbacks)
     _train(trainer, ctx, work)
+    _merge_split(split_handle)
     config.training = {"steps": steps, "examples": len(dataset), "sentences": len(sentences), "train": str(data.train),
                        "source_language": str(source_language) if source_language else None,
                        "drop_last_language_layer": settings.drop_last_language_layer,
+                       "mosa_splits": settings.mosa_splits,
                        "lr": args.learning_rate, "batch": budget.task_batch, "seed": seed,
                        "final_loss": _final_loss(trainer)}
     _save_task(out, config, state)
