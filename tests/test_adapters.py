@@ -517,3 +517,22 @@ def test_mosa_train_language_task_assemble(tiny_world, tmp_path):
     assert all((t != 0).float().mean() > 0.9 for k, t in tensors.items() if k.endswith("down.0.weight"))
     model, _ = mosa.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang")
     assert not any("parametrizations" in n for n, _ in model.named_parameters())
+
+
+def test_shira_is_sparse_at_k_and_merges(tiny_world, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    from compsft.methods import lora
+
+    spec = lora.METHOD_SHIRA
+    ctx = _ctx(tiny_world, tmp_path)
+    counts = spec.parameter_counts(ctx, "pos")
+    spec.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang")
+    task = spec.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang", 0, tmp_path / "task")
+    n_labels = len(lora.read_side_config(tmp_path / "task", "task")["labels"])
+    assert task.trainable == counts["task_trainable"] + 16 * n_labels + n_labels
+    model, _ = spec.assemble(ctx, tmp_path / "task", None)  # θ0 + the task module alone
+    base = AutoModelForTokenClassification.from_pretrained(tiny_world["model"], num_labels=n_labels)
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    moved = (dict(model.named_parameters())[name] != dict(base.named_parameters())[name]).sum().item()
+    assert 0 < moved <= counts["task_rank"] * (16 + 32) < 16 * 32  # at most r·(in + out) entries: sparse

@@ -14,7 +14,8 @@ inference costs nothing extra. The task LoRA was trained the same way, on θ0 + 
 * files: `peft`'s own `adapter_model.safetensors` + `adapter_config.json`, written atomically, plus
   `lora_config.json` (kind, labels, vocabulary, training) and `head.safetensors` for a task LoRA.
 
-The module defining the method: this one (`METHOD` = "lora").
+The module defining the methods: this one (`METHOD` = "lora", `METHOD_SHIRA` = "shira": peft's SHiRA, the
+same recipe with r·(in + out) trainable entries of each adapted W at random positions instead of B A).
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class LoraSettings:
     dropout: float = 0.0
     lang_lr: float | None = 2e-4
     task_lr: float | None = 2e-4
+    #: "lora", or "shira": peft's SHiRA, r·(in + out) trainable entries of W itself at random positions
+    #: (a sparse, random-support baseline at the same K; merged the same way)
+    tuner: str = "lora"
 
 
 SETTINGS = LoraSettings()
@@ -70,7 +74,11 @@ def rank_for_k(model, kind: str, density: float | None) -> tuple[int, int]:
     return max(1, round(k / per_rank)), k
 
 
-def _lora_config(rank: int, settings: LoraSettings):
+def _lora_config(rank: int, settings: LoraSettings, seed: int = 0):
+    if settings.tuner == "shira":
+        from peft import ShiraConfig
+
+        return ShiraConfig(r=rank, mask_type="random", random_seed=seed, target_modules=TARGET_MODULES)
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=settings.dropout, target_modules=TARGET_MODULES,
@@ -159,7 +167,7 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
     model = AutoModelForMaskedLM.from_pretrained(ctx.model_dir)
     rank, k = rank_for_k(model, "language", budget.lang_density)
     masked_only = MaskedPositionsOnly(model)  # on the bare model, before peft wraps it
-    peft_model = get_peft_model(model, _lora_config(rank, settings))
+    peft_model = get_peft_model(model, _lora_config(rank, settings, seed))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     steps = language_steps(budget, len(dataset))
     work = _work_dir(ctx, out)
@@ -170,7 +178,7 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
                       callbacks=list(ctx.callbacks))
     _train(trainer, ctx, work)
     masked_only.remove()
-    side = {"format": "compsft.lora", "kind": "language", "language": data.code, "rank": rank, "k": k,
+    side = {"format": "compsft.lora", "tuner": settings.tuner, "kind": "language", "language": data.code, "rank": rank, "k": k,
             "base_model": str(ctx.model_dir), "vocab": vocab,
             "training": {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats,
                          "lr": args.learning_rate, "seed": seed, "final_loss": _final_loss(trainer)}}
@@ -201,7 +209,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
         require_same_vocab(side.get("vocab"), vocab, f"language LoRA {source_language}")
         model = merge_lora(model, Path(source_language))
     rank, k = rank_for_k(model, "task", budget.task_density)
-    peft_model = get_peft_model(model, _lora_config(rank, settings))
+    peft_model = get_peft_model(model, _lora_config(rank, settings, seed))
     params = dict(model.named_parameters())
     for name in head_names:  # peft froze everything but the LoRA matrices: the task head trains too
         params[name].requires_grad_(True)
@@ -214,7 +222,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=spec.collator(tokenizer),
                       callbacks=list(ctx.callbacks))
     _train(trainer, ctx, work)
-    side = {"format": "compsft.lora", "kind": "task", "task": spec.name, "labels": list(labels), "rank": rank,
+    side = {"format": "compsft.lora", "tuner": settings.tuner, "kind": "task", "task": spec.name, "labels": list(labels), "rank": rank,
             "k": k, "base_model": str(ctx.model_dir), "vocab": vocab,
             "training": {"steps": steps, "examples": len(dataset), "train": str(data.train),
                          "source_language": str(source_language) if source_language else None,
@@ -260,7 +268,8 @@ def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> t
 
 
 def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
-    """Trainable (= stored) LoRA parameters of a language and a task LoRA at the budget's K (head not counted)."""
+    """Trainable (= stored) LoRA parameters of a language and a task LoRA at the budget's K (head not counted).
+    SHiRA trains the same number of entries, r·(in + out) per layer."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     config = AutoConfig.from_pretrained(ctx.model_dir)
@@ -275,9 +284,21 @@ def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
     return out
 
 
-METHOD = MethodSpec(
-    name="lora", description="LoRA via peft: language LoRA by MLM, task LoRA on the merged source LoRA; "
-                             "rank matched to the paper's K",
-    composition="θ0 + ΔW(target language LoRA) + ΔW(task LoRA), both merged into the weights",
-    train_language=train_language, train_task=train_task, assemble=assemble, parameter_counts=parameter_counts,
-)
+def make_method(name: str, settings: LoraSettings, description: str, composition: str) -> MethodSpec:
+    def language(ctx: MethodContext, data: LanguageData, seed: int, out: Path) -> ModuleInfo:
+        return train_language(ctx, data, seed, out, settings)
+
+    def task(ctx: MethodContext, data: TaskData, source: Path | None, seed: int, out: Path) -> ModuleInfo:
+        return train_task(ctx, data, source, seed, out, settings)
+
+    return MethodSpec(name=name, description=description, composition=composition, train_language=language,
+                      train_task=task, assemble=assemble, parameter_counts=parameter_counts)
+
+
+METHOD = make_method(
+    "lora", SETTINGS, "LoRA via peft: language LoRA by MLM, task LoRA on the merged source LoRA; rank matched to K",
+    "θ0 + ΔW(target language LoRA) + ΔW(task LoRA), both merged into the weights")
+METHOD_SHIRA = make_method(
+    "shira", LoraSettings(tuner="shira"),
+    "SHiRA via peft: K entries of the weights at random positions, language by MLM, task on the merged source",
+    "θ0 + ΔW(target language SHiRA) + ΔW(task SHiRA), both merged into the weights (sparse sums)")

@@ -107,8 +107,10 @@ def training_args(ctx: MethodContext, work: Path, *, lr: float, batch: int, seed
 
 def _train(trainer, ctx: MethodContext, work: Path) -> None:
     """Run the Trainer, from the last checkpoint in `work` when resuming and there is one."""
+    from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
 
+    trainer.remove_callback(PrinterCallback)  # losses go to the log history and the harness's callbacks, not stdout
     checkpoint = get_last_checkpoint(str(work)) if ctx.resume and work.is_dir() else None
     trainer.train(resume_from_checkpoint=checkpoint)
 
