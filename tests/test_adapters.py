@@ -232,28 +232,43 @@ def _ctx(world, tmp_path, **budget) -> MethodContext:
     return MethodContext(model_dir=world["model"], budget=tiny_budget(**budget), work_dir=tmp_path / "work")
 
 
+@pytest.fixture(scope="module")
+def madx_languages(tiny_world):
+    """MAD-X language adapters for a source and a target language, trained once for the MAD-X tests."""
+    from compsft.methods import madx
+
+    root = tiny_world["root"] / "madx"
+    ctx = _ctx(tiny_world, root)
+    src = madx.METHOD.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, root / "lang_src")
+    madx.METHOD.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, root / "lang_tgt")
+    return src, root / "lang_src", root / "lang_tgt"
+
+
 @pytest.mark.parametrize("method_name", ["mad-x", "mad-x-2.0"])
-def test_madx_train_language_task_assemble(tiny_world, tmp_path, method_name):
+def test_madx_train_language_task_assemble(tiny_world, madx_languages, tmp_path, method_name):
     from compsft.methods import madx
     from compsft.tasks import get_task
 
     spec = {"mad-x": madx.METHOD, "mad-x-2.0": madx.METHOD_2}[method_name]
+    assert spec.language_key == "mad-x"  # the variants share mad-x's language adapters (trained once, below)
     ctx = _ctx(tiny_world, tmp_path, dev_checks=2)
     counts = spec.parameter_counts(ctx, "pos")
-    src = spec.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang_src")
-    spec.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, tmp_path / "lang_tgt")
+    src, lang_src, lang_tgt = madx_languages
     assert src.trainable == counts["language_trainable"]
     assert src.stored_bytes > 4 * counts["language_stored"]
-    config, tensors, head = load_adapter_files(tmp_path / "lang_src")
+    config, tensors, head = load_adapter_files(lang_src)
     assert config.kind == "language" and config.inv_adapter == "nice" and not head
     assert config.training["steps"] == 4  # one phase gets both phases' steps
-    task = spec.train_task(ctx, TaskData("pos", tiny_world["train"], tiny_world["dev"]), tmp_path / "lang_src", 0,
+    task = spec.train_task(ctx, TaskData("pos", tiny_world["train"], tiny_world["dev"]), lang_src, 0,
                            tmp_path / "task")
     n_labels = len(get_task("pos").label_list(get_task("pos").read(tiny_world["train"])))
     assert task.trainable == counts["task_trainable"] + 16 * n_labels + n_labels  # + the head (hidden 16)
-    assert (tmp_path / "task" / DEV_SELECTED / CONFIG_NAME).is_file()
-    assert task.extra["dev_selected"]["step"] in (3, 6)
-    model, labels = spec.assemble(ctx, tmp_path / "task", tmp_path / "lang_tgt")
+    assert task.extra["dev_selected"]["step"] in (3, 6)  # 6 steps, 2 dev checks
+    _, final, _ = load_adapter_files(tmp_path / "task")
+    _, selected, _ = load_adapter_files(tmp_path / "task" / DEV_SELECTED)
+    same = all(torch.equal(final[k], selected[k]) for k in final)
+    assert same == (task.extra["dev_selected"]["step"] == 6)  # the weights of the selected step, not the last
+    model, labels = spec.assemble(ctx, tmp_path / "task", lang_tgt)
     assert len(labels) == n_labels and set(UPOS) <= set(labels)
     pos = get_task("pos")
     sentences = pos.read(tiny_world["dev"])
@@ -263,7 +278,7 @@ def test_madx_train_language_task_assemble(tiny_world, tmp_path, method_name):
     metrics, _ = pos.evaluate(model, tok, sentences, labels)
     assert 0.0 <= metrics["accuracy"] <= 1.0
     # The target language adapter is what is stacked under the task adapter: swapping it changes outputs.
-    other, _ = spec.assemble(ctx, tmp_path / "task", tmp_path / "lang_src")
+    other, _ = spec.assemble(ctx, tmp_path / "task", lang_src)
     alone, _ = spec.assemble(ctx, tmp_path / "task", None)
     ids = torch.tensor([tok("dar kelb omm")["input_ids"]])
     with torch.no_grad():
@@ -274,13 +289,13 @@ def test_madx_train_language_task_assemble(tiny_world, tmp_path, method_name):
         assert counts["language_used"] < counts["language_trainable"]
 
 
-def test_madx_task_adapter_leaves_base_frozen(tiny_world, tmp_path):
+def test_madx_task_adapter_leaves_base_frozen(tiny_world, madx_languages, tmp_path):
     """Only the task adapter and head move in task training: the source language adapter stays as loaded."""
     from compsft.methods import madx
 
     ctx = _ctx(tiny_world, tmp_path)
-    madx.METHOD.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang")
-    _, lang_before, _ = load_adapter_files(tmp_path / "lang")
+    lang = madx_languages[1]
+    _, lang_before, _ = load_adapter_files(lang)
     captured = {}
 
     from transformers import TrainerCallback
@@ -291,7 +306,7 @@ def test_madx_task_adapter_leaves_base_frozen(tiny_world, tmp_path):
             captured["base"] = model.bert.embeddings.word_embeddings.weight.detach().clone()
 
     ctx.callbacks = [Grab()]
-    madx.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang", 0, tmp_path / "task")
+    madx.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"]), lang, 0, tmp_path / "task")
     from transformers import AutoModelForMaskedLM
 
     base = AutoModelForMaskedLM.from_pretrained(tiny_world["model"]).bert.embeddings.word_embeddings.weight
@@ -308,13 +323,15 @@ def test_lora_train_language_task_assemble(tiny_world, tmp_path):
 
     from compsft.methods import lora
 
-    ctx = _ctx(tiny_world, tmp_path)
+    ctx = _ctx(tiny_world, tmp_path, dev_checks=2)
     counts = lora.METHOD.parameter_counts(ctx, "pos")
     src = lora.METHOD.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang_src")
     lora.METHOD.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, tmp_path / "lang_tgt")
     assert src.trainable == counts["language_trainable"] and src.extra["rank"] == counts["language_rank"]
-    task = lora.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang_src", 0,
-                                  tmp_path / "task")
+    task = lora.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"], tiny_world["dev"]), tmp_path / "lang_src",
+                                  0, tmp_path / "task")
+    assert task.extra["dev_selected"]["step"] in (3, 6)
+    assert lora.read_side_config(tmp_path / "task" / DEV_SELECTED, "task")["labels"]
     n_labels = len(lora.read_side_config(tmp_path / "task", "task")["labels"])
     assert task.trainable == counts["task_trainable"] + 16 * n_labels + n_labels
     model, labels = lora.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_tgt")
@@ -437,13 +454,15 @@ def test_hydra_merge_matches_hooks_and_unmerge_restores_within_bound():
 def test_hydra_train_language_task_assemble(tiny_world, tmp_path):
     from compsft.methods import hydra
 
-    ctx = _ctx(tiny_world, tmp_path)
+    ctx = _ctx(tiny_world, tmp_path, dev_checks=1)
     counts = hydra.METHOD.parameter_counts(ctx, "pos")
     src = hydra.METHOD.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang_src")
     hydra.METHOD.train_language(ctx, LanguageData("wol", [tiny_world["text_b"]]), 0, tmp_path / "lang_tgt")
     assert src.trainable == counts["language_trainable"]
-    task = hydra.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang_src", 0,
-                                   tmp_path / "task")
+    task = hydra.METHOD.train_task(ctx, TaskData("pos", tiny_world["train"], tiny_world["dev"]),
+                                   tmp_path / "lang_src", 0, tmp_path / "task")
+    assert task.extra["dev_selected"]["step"] == 6  # one check: at the last step
+    assert hydra.load(tmp_path / "task" / DEV_SELECTED)[0].labels
     config, _, head = hydra.load(tmp_path / "task")
     n = len(config.labels)
     assert task.trainable == counts["task_trainable"] + 16 * n + n and set(head) == {"classifier.weight", "classifier.bias"}

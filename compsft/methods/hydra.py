@@ -312,7 +312,8 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
                lr: float = 2e-4) -> ModuleInfo:
     from transformers import Trainer, set_seed
 
-    from .adapters.recipes import _final_loss, _train, _work_dir, task_data, task_steps, training_args
+    from .adapters.recipes import (DevSelection, _final_loss, _train, _work_dir, task_data, task_steps,
+                                   training_args)
 
     started, out = time.perf_counter(), Path(out)
     set_seed(seed)
@@ -333,15 +334,21 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     steps = task_steps(ctx.budget, len(dataset))
     work = _work_dir(ctx, out)
     args = training_args(ctx, work, lr=lr, batch=ctx.budget.task_batch, seed=seed, steps=steps)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=list(ctx.callbacks),
+    callbacks = list(ctx.callbacks)
+    trainable_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    selection = DevSelection.create(ctx, data, sup, steps, model, trainable_params, callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
                       data_collator=sup.spec.collator(sup.tokenizer))
     _train(trainer, ctx, work)
     config.training = {"steps": steps, "examples": len(dataset), "train": str(data.train), "lr": lr, "seed": seed,
                        "k": k, "source_language": str(source_language) if source_language else None,
                        "final_loss": _final_loss(trainer)}
-    save(out, config, bank, head={n: params[n] for n in head_names})
-    return _info(out, trainable, started, {"rank": rank, "k": k, "steps": steps,
-                                           "final_loss": config.training["final_loss"]})
+    write = lambda d: save(d, config, bank, head={n: params[n] for n in head_names})  # noqa: E731
+    write(out)
+    extra = {"rank": rank, "k": k, "steps": steps, "final_loss": config.training["final_loss"]}
+    if selection is not None and (chosen := selection.save(out, write)):
+        extra["dev_selected"] = chosen
+    return _info(out, trainable, started, extra)
 
 
 def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> tuple[Any, list[str]]:

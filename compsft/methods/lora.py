@@ -195,7 +195,8 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
 
     from compsft.vocab import require_same_vocab
 
-    from .adapters.recipes import _final_loss, _train, _work_dir, task_data, task_steps, training_args
+    from .adapters.recipes import (DevSelection, _final_loss, _train, _work_dir, task_data, task_steps,
+                                   training_args)
 
     started = time.perf_counter()
     out, budget = Path(out), ctx.budget
@@ -219,17 +220,24 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     work = _work_dir(ctx, out)
     args = training_args(ctx, work, lr=settings.task_lr or budget.task_lr, batch=budget.task_batch, seed=seed,
                          steps=steps)
+    callbacks = list(ctx.callbacks)
+    trainable_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    selection = DevSelection.create(ctx, data, sup, steps, model, trainable_params, callbacks)
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=spec.collator(tokenizer),
-                      callbacks=list(ctx.callbacks))
+                      callbacks=callbacks)
     _train(trainer, ctx, work)
     side = {"format": "compsft.lora", "tuner": settings.tuner, "kind": "task", "task": spec.name, "labels": list(labels), "rank": rank,
             "k": k, "base_model": str(ctx.model_dir), "vocab": vocab,
             "training": {"steps": steps, "examples": len(dataset), "train": str(data.train),
                          "source_language": str(source_language) if source_language else None,
                          "lr": args.learning_rate, "seed": seed, "final_loss": _final_loss(trainer)}}
-    _save(out, peft_model, side, head={n: params[n] for n in head_names})
+    write = lambda d: _save(d, peft_model, side, head={n: params[n] for n in head_names})  # noqa: E731
+    write(out)
+    extra = {"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]}
+    if selection is not None and (chosen := selection.save(out, write)):
+        extra["dev_selected"] = chosen
     return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
-                      extra={"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]})
+                      extra=extra)
 
 
 def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> tuple[Any, list[str]]:

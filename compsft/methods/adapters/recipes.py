@@ -256,40 +256,71 @@ def _task_setup(model, language_dir: Path | None) -> Stack | str:
     return Stack(LANG, TASK) if language_dir is not None else TASK
 
 
-class _DevSelection:
-    """Scores the source dev set at fixed steps and keeps the trainable tensors of the best score."""
+class DevSelection:
+    """Model selection on source dev data (base.py): scores the dev set `budget.dev_checks` times, evenly
+    spaced, the last at the final step, and keeps a copy of the trainable tensors at the best score (ties keep
+    the earlier step). Scoring runs in eval mode and draws no random numbers, so the fixed-budget module is
+    the same with or without it. `save(out, write)` writes the selected module into `out / DEV_SELECTED`."""
 
-    def __init__(self, spec, tokenizer, gold, labels, steps: list[int], trainable: dict) -> None:
+    def __init__(self, spec, tokenizer, gold, labels, steps: list[int], model, trainable: dict) -> None:
         from transformers import TrainerCallback
 
         outer = self
 
         class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kw):
+            def on_step_end(self, args, state, control, **kw):
                 if state.global_step in outer.steps:
                     outer.check(state.global_step)
 
         self.callback = Callback()
         self.spec, self.tokenizer, self.gold, self.labels = spec, tokenizer, gold, labels
-        self.steps, self.trainable = set(steps), trainable
-        self.model = None
+        self.steps, self.model, self.trainable = set(steps), model, trainable
         self.best: dict | None = None
         self.best_step, self.best_score = 0, -math.inf
+
+    @classmethod
+    def create(cls, ctx: MethodContext, data: TaskData, sup: "SupervisedData", steps: int, model, trainable: dict,
+               callbacks: list) -> "DevSelection | None":
+        """A selection for this run (appended to `callbacks`), or None when the budget asks for none."""
+        from compsft.tasks import resolve_data
+
+        budget = ctx.budget
+        if not budget.dev_checks or data.dev is None or budget.dev_sentences == 0:
+            return None
+        dev = sup.spec.read(resolve_data(data.dev))[:budget.dev_sentences or None]
+        at = sorted({max(1, round(steps * (i + 1) / budget.dev_checks)) for i in range(budget.dev_checks)})
+        selection = cls(sup.spec, sup.tokenizer, sup.spec.prepare_gold(dev, sup.labels), sup.labels, at, model,
+                        trainable)
+        callbacks.append(selection.callback)
+        return selection
 
     def check(self, step: int) -> None:
         metrics, _ = self.spec.evaluate(self.model, self.tokenizer, self.gold, self.labels)
         score = float(metrics[PRIMARY_METRIC.get(self.spec.name, next(iter(metrics)))])
-        if score > self.best_score:  # ties keep the earlier step
+        if score > self.best_score:
             self.best_score, self.best_step = score, step
             self.best = {k: v.detach().clone() for k, v in self.trainable.items()}
+
+    def save(self, out: Path, write) -> dict | None:
+        """Write the best module with `write(directory)` (the best tensors swapped in for the call)."""
+        if self.best is None:
+            return None
+        final = {k: v.detach().clone() for k, v in self.trainable.items()}
+        with torch.no_grad():
+            for k, v in self.best.items():
+                self.trainable[k].copy_(v)
+            try:
+                write(Path(out) / DEV_SELECTED)
+            finally:
+                for k, v in final.items():
+                    self.trainable[k].copy_(v)
+        return {"step": self.best_step, "score": self.best_score}
 
 
 def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path | None, seed: int, out: Path,
                        settings: MadxSettings) -> ModuleInfo:
     """A task adapter (and head) trained on `Stack(source language adapter, task adapter)`; written to `out`."""
     from transformers import Trainer, set_seed
-
-    from compsft.tasks import resolve_data
 
     started = time.perf_counter()
     out, budget = Path(out), ctx.budget
@@ -317,14 +348,8 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
     bank = adapter_bank(model)
     state = {**{f"adapter.{k}": v for k, v in bank.adapters[TASK].named_parameters()},
              **{f"head.{k}": params[k] for k in head_names}}
-    selection = None
     callbacks = list(ctx.callbacks)
-    if budget.dev_checks and data.dev is not None:
-        dev = spec.read(resolve_data(data.dev))[:budget.dev_sentences or None]
-        check_at = sorted({max(1, round(steps * (i + 1) / budget.dev_checks)) for i in range(budget.dev_checks)})
-        selection = _DevSelection(spec, tokenizer, spec.prepare_gold(dev, labels), labels, check_at, state)
-        selection.model = model
-        callbacks.append(selection.callback)
+    selection = DevSelection.create(ctx, data, sup, steps, model, state, callbacks)
     split_handle = _split_for_training(model, TASK, settings, seed, callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=spec.collator(tokenizer),
                       callbacks=callbacks)
@@ -338,9 +363,8 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
                        "final_loss": _final_loss(trainer)}
     _save_task(out, config, state)
     extra: dict[str, Any] = {"steps": steps, "final_loss": config.training["final_loss"]}
-    if selection is not None and selection.best is not None:
-        _save_task(out / DEV_SELECTED, config, selection.best)
-        extra["dev_selected"] = {"step": selection.best_step, "score": selection.best_score}
+    if selection is not None and (chosen := selection.save(out, lambda d: _save_task(d, config, state))):
+        extra["dev_selected"] = chosen
     return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
                       extra=extra)
 
