@@ -270,8 +270,10 @@ def rank_for_k(model: nn.Module, kind: str, density: float | None) -> tuple[int,
 
 
 def _info(out: Path, trainable: int, started: float, extra: dict) -> ModuleInfo:
-    stored = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    return ModuleInfo(trainable=trainable, stored_bytes=stored, seconds=time.perf_counter() - started, extra=extra)
+    from .adapters.recipes import dir_bytes
+
+    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
+                      extra=extra)
 
 
 def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path, lr: float = 2e-4) -> ModuleInfo:
@@ -280,7 +282,7 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
     from compsft.training.collators import ResumableMlmCollator
     from compsft.training.mlm import MaskedPositionsOnly
 
-    from .adapters.recipes import _final_loss, _train, _work_dir, language_steps, mlm_data, training_args
+    from .adapters.recipes import final_loss, run_trainer, work_dir_for, language_steps, mlm_data, training_args
 
     started, out = time.perf_counter(), Path(out)
     set_seed(seed)
@@ -295,14 +297,14 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
     bank = attach(model, config)
     trainable = sum(p.numel() for p in bank.parameters())
     steps = language_steps(ctx.budget, len(mlm.dataset))
-    work = _work_dir(ctx, out)
+    work = work_dir_for(ctx, out)
     args = training_args(ctx, work, lr=lr, batch=ctx.budget.lang_batch, seed=seed, steps=steps)
     trainer = Trainer(model=model, args=args, train_dataset=mlm.dataset, callbacks=list(ctx.callbacks),
                       data_collator=ResumableMlmCollator(mlm.tokenizer, mlm_probability=0.15, seed=seed))
-    _train(trainer, ctx, work)
+    run_trainer(trainer, ctx, work)
     masked_only.remove()
     config.training = {"steps": steps, "examples": len(mlm.dataset), "corpus": mlm.corpus_stats, "lr": lr,
-                       "seed": seed, "k": k, "final_loss": _final_loss(trainer)}
+                       "seed": seed, "k": k, "final_loss": final_loss(trainer)}
     save(out, config, bank)
     return _info(out, trainable, started, {"rank": rank, "k": k, "steps": steps,
                                            "final_loss": config.training["final_loss"]})
@@ -312,7 +314,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
                lr: float = 2e-4) -> ModuleInfo:
     from transformers import Trainer, set_seed
 
-    from .adapters.recipes import (DevSelection, _final_loss, _train, _work_dir, task_data, task_steps,
+    from .adapters.recipes import (DevSelection, final_loss, run_trainer, work_dir_for, task_data, task_steps,
                                    training_args)
 
     started, out = time.perf_counter(), Path(out)
@@ -332,17 +334,17 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     trainable = sum(p.numel() for p in bank.parameters()) + sum(params[n].numel() for n in head_names)
     dataset = sup.spec.encode(sup.sentences, sup.tokenizer, sup.labels, max_length=ctx.budget.task_max_length)
     steps = task_steps(ctx.budget, len(dataset))
-    work = _work_dir(ctx, out)
+    work = work_dir_for(ctx, out)
     args = training_args(ctx, work, lr=lr, batch=ctx.budget.task_batch, seed=seed, steps=steps)
     callbacks = list(ctx.callbacks)
     trainable_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     selection = DevSelection.create(ctx, data, sup, steps, model, trainable_params, callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
                       data_collator=sup.spec.collator(sup.tokenizer))
-    _train(trainer, ctx, work)
+    run_trainer(trainer, ctx, work)
     config.training = {"steps": steps, "examples": len(dataset), "train": str(data.train), "lr": lr, "seed": seed,
                        "k": k, "source_language": str(source_language) if source_language else None,
-                       "final_loss": _final_loss(trainer)}
+                       "final_loss": final_loss(trainer)}
     write = lambda d: save(d, config, bank, head={n: params[n] for n in head_names})  # noqa: E731
     write(out)
     extra = {"rank": rank, "k": k, "steps": steps, "final_loss": config.training["final_loss"]}
@@ -354,15 +356,15 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
 def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> tuple[Any, list[str]]:
     from compsft.tasks import get_task
 
-    from .adapters.recipes import _load_head, _vocab
+    from .adapters.recipes import load_head, load_vocab
 
     task_dir = Path(task_dir)
     config, tensors, head = load(task_dir)
     if config.kind != "task":
         raise CompsftError(f"{task_dir / CONFIG_NAME}: field 'kind' is {config.kind!r}, expected 'task'")
-    _, vocab = _vocab(ctx.model_dir)
+    _, vocab = load_vocab(ctx.model_dir)
     model = get_task(config.task).build_model(ctx.model_dir, config.labels)
-    _load_head(model, head, task_dir)
+    load_head(model, head, task_dir)
     if language_dir is not None:
         lang = merge_from(model, Path(language_dir), vocab)
         if lang.kind != "language":

@@ -29,6 +29,7 @@ import torch
 
 from compsft.errors import CompsftError
 
+from .adapters.recipes import dir_bytes, load_vocab
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
 
 #: every linear layer inside the transformer layers of a BERT-family encoder (a full-match regex for peft)
@@ -133,19 +134,6 @@ def merge_lora(model, directory: Path):
     return peft_model.merge_and_unload()
 
 
-def _vocab(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    from compsft.vocab import vocab_fingerprint
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return tokenizer, vocab_fingerprint(tokenizer)
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 # -- the method ----------------------------------------------------------------------------------
 
 def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
@@ -157,7 +145,7 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
     from compsft.training.collators import ResumableMlmCollator
     from compsft.training.mlm import MaskedPositionsOnly
 
-    from .adapters.recipes import _final_loss, _train, _work_dir, language_steps, mlm_data, training_args
+    from .adapters.recipes import final_loss, run_trainer, work_dir_for, language_steps, mlm_data, training_args
 
     started = time.perf_counter()
     out, budget = Path(out), ctx.budget
@@ -170,20 +158,20 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
     peft_model = get_peft_model(model, _lora_config(rank, settings, seed))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     steps = language_steps(budget, len(dataset))
-    work = _work_dir(ctx, out)
+    work = work_dir_for(ctx, out)
     args = training_args(ctx, work, lr=settings.lang_lr or budget.lang_lr, batch=budget.lang_batch, seed=seed,
                          steps=steps)
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset,
                       data_collator=ResumableMlmCollator(tokenizer, mlm_probability=0.15, seed=seed),
                       callbacks=list(ctx.callbacks))
-    _train(trainer, ctx, work)
+    run_trainer(trainer, ctx, work)
     masked_only.remove()
     side = {"format": "compsft.lora", "tuner": settings.tuner, "kind": "language", "language": data.code, "rank": rank, "k": k,
             "base_model": str(ctx.model_dir), "vocab": vocab,
             "training": {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats,
-                         "lr": args.learning_rate, "seed": seed, "final_loss": _final_loss(trainer)}}
+                         "lr": args.learning_rate, "seed": seed, "final_loss": final_loss(trainer)}}
     _save(out, peft_model, side)
-    return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
                       extra={"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]})
 
 
@@ -195,7 +183,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
 
     from compsft.vocab import require_same_vocab
 
-    from .adapters.recipes import (DevSelection, _final_loss, _train, _work_dir, task_data, task_steps,
+    from .adapters.recipes import (DevSelection, final_loss, run_trainer, work_dir_for, task_data, task_steps,
                                    training_args)
 
     started = time.perf_counter()
@@ -217,7 +205,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     dataset = spec.encode(sentences, tokenizer, labels, max_length=budget.task_max_length)
     steps = task_steps(budget, len(dataset))
-    work = _work_dir(ctx, out)
+    work = work_dir_for(ctx, out)
     args = training_args(ctx, work, lr=settings.task_lr or budget.task_lr, batch=budget.task_batch, seed=seed,
                          steps=steps)
     callbacks = list(ctx.callbacks)
@@ -225,18 +213,18 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     selection = DevSelection.create(ctx, data, sup, steps, model, trainable_params, callbacks)
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=spec.collator(tokenizer),
                       callbacks=callbacks)
-    _train(trainer, ctx, work)
+    run_trainer(trainer, ctx, work)
     side = {"format": "compsft.lora", "tuner": settings.tuner, "kind": "task", "task": spec.name, "labels": list(labels), "rank": rank,
             "k": k, "base_model": str(ctx.model_dir), "vocab": vocab,
             "training": {"steps": steps, "examples": len(dataset), "train": str(data.train),
                          "source_language": str(source_language) if source_language else None,
-                         "lr": args.learning_rate, "seed": seed, "final_loss": _final_loss(trainer)}}
+                         "lr": args.learning_rate, "seed": seed, "final_loss": final_loss(trainer)}}
     write = lambda d: _save(d, peft_model, side, head={n: params[n] for n in head_names})  # noqa: E731
     write(out)
     extra = {"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]}
     if selection is not None and (chosen := selection.save(out, write)):
         extra["dev_selected"] = chosen
-    return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
                       extra=extra)
 
 
@@ -249,7 +237,7 @@ def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> t
 
     task_dir = Path(task_dir)
     side = read_side_config(task_dir, "task")
-    _, vocab = _vocab(ctx.model_dir)
+    _, vocab = load_vocab(ctx.model_dir)
     require_same_vocab(side.get("vocab"), vocab, f"task LoRA {task_dir}")
     spec = get_task(side["task"])
     model = spec.build_model(ctx.model_dir, side["labels"])

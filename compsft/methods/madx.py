@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
 from .adapters.recipes import (MadxSettings, adapter_sizes, assemble_task_model, train_language_adapter,
                                train_task_adapter)
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
 
 
 def parameter_counts(ctx: MethodContext, task: str, settings: MadxSettings | None = None) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Training and assembling MAD-X modules with a plain `transformers.Trainer`.
+"""Training and assembling MAD-X modules with a plain `transformers.Trainer`, and the pieces every
+adapter-family method shares (budgets → steps, `TrainingArguments`, MLM and task data, dev selection).
 
 * `train_language_adapter`: a `seq_bn` adapter (+ NICE) on the `*ForMaskedLM` model, trained by MLM on the
   language's text (compsft's MLM pipeline: `load_mlm_corpus` with evaluation sentences excluded,
@@ -105,7 +106,7 @@ def training_args(ctx: MethodContext, work: Path, *, lr: float, batch: int, seed
     )
 
 
-def _train(trainer, ctx: MethodContext, work: Path) -> None:
+def run_trainer(trainer, ctx: MethodContext, work: Path) -> None:
     """Run the Trainer, from the last checkpoint in `work` when resuming and there is one."""
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -115,11 +116,11 @@ def _train(trainer, ctx: MethodContext, work: Path) -> None:
     trainer.train(resume_from_checkpoint=checkpoint)
 
 
-def _work_dir(ctx: MethodContext, out: Path) -> Path:
+def work_dir_for(ctx: MethodContext, out: Path) -> Path:
     return Path(ctx.work_dir) if ctx.work_dir else out.with_name(out.name + ".work")
 
 
-def _vocab(model_dir: Path) -> tuple[Any, dict]:
+def load_vocab(model_dir: Path) -> tuple[Any, dict]:
     from transformers import AutoTokenizer
 
     from compsft.vocab import vocab_fingerprint
@@ -128,11 +129,11 @@ def _vocab(model_dir: Path) -> tuple[Any, dict]:
     return tokenizer, vocab_fingerprint(tokenizer)
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _final_loss(trainer) -> float | None:
+def final_loss(trainer) -> float | None:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return float(losses[-1]) if losses else None
 
@@ -159,7 +160,7 @@ def mlm_data(ctx: MethodContext, data: LanguageData) -> MlmData:
     except CompsftError:  # a language outside the catalogue: only what the caller excludes
         exclude = list(data.exclude)
     corpus = load_mlm_corpus(texts, exclude=exclude, max_lines=ctx.budget.lang_lines)
-    tokenizer, vocab = _vocab(ctx.model_dir)
+    tokenizer, vocab = load_vocab(ctx.model_dir)
     dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=ctx.budget.lang_max_length)
     return MlmData(dataset, tokenizer, vocab, [str(t) for t in texts], corpus.stats.as_dict())
 
@@ -183,7 +184,7 @@ def task_data(ctx: MethodContext, data: TaskData) -> SupervisedData:
         sentences = sentences[:ctx.budget.train_sentences]
     if not sentences:
         raise CompsftError(f"{data.train}: no sentences")
-    tokenizer, vocab = _vocab(ctx.model_dir)
+    tokenizer, vocab = load_vocab(ctx.model_dir)
     return SupervisedData(spec, sentences, list(spec.label_list(sentences)), tokenizer, vocab)
 
 
@@ -216,22 +217,22 @@ def train_language_adapter(ctx: MethodContext, data: LanguageData, seed: int, ou
     set_active(model, LANG)
     trainable = train_only(model, [LANG])
     steps = language_steps(budget, len(dataset))
-    work = _work_dir(ctx, out)
+    work = work_dir_for(ctx, out)
     args = training_args(ctx, work, lr=settings.lang_lr or budget.lang_lr, batch=budget.lang_batch, seed=seed,
                          steps=steps)
     collator = ResumableMlmCollator(tokenizer, mlm_probability=0.15, seed=seed)
     callbacks = list(ctx.callbacks)
     split_handle = _split_for_training(model, LANG, settings, seed, callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
-    _train(trainer, ctx, work)
+    run_trainer(trainer, ctx, work)
     _merge_split(split_handle)
     masked_only.remove()
     config.training = {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats, "text": mlm.texts,
                        "mosa_splits": settings.mosa_splits,
                        "max_length": budget.lang_max_length, "lr": args.learning_rate, "batch": budget.lang_batch, "seed": seed,
-                       "final_loss": _final_loss(trainer)}
+                       "final_loss": final_loss(trainer)}
     save_adapter_files(out, config, adapter_bank(model).adapters[LANG].tensors())
-    return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
                       extra={"steps": steps, "final_loss": config.training["final_loss"]})
 
 
@@ -341,7 +342,7 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
     trainable = train_only(model, [TASK], head_names)
     dataset = spec.encode(sentences, tokenizer, labels, max_length=budget.task_max_length)
     steps = task_steps(budget, len(dataset))
-    work = _work_dir(ctx, out)
+    work = work_dir_for(ctx, out)
     args = training_args(ctx, work, lr=settings.task_lr or budget.task_lr, batch=budget.task_batch, seed=seed,
                          steps=steps)
     params = dict(model.named_parameters())
@@ -353,19 +354,19 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
     split_handle = _split_for_training(model, TASK, settings, seed, callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=spec.collator(tokenizer),
                       callbacks=callbacks)
-    _train(trainer, ctx, work)
+    run_trainer(trainer, ctx, work)
     _merge_split(split_handle)
     config.training = {"steps": steps, "examples": len(dataset), "sentences": len(sentences), "train": str(data.train),
                        "source_language": str(source_language) if source_language else None,
                        "drop_last_language_layer": settings.drop_last_language_layer,
                        "mosa_splits": settings.mosa_splits,
                        "lr": args.learning_rate, "batch": budget.task_batch, "seed": seed,
-                       "final_loss": _final_loss(trainer)}
+                       "final_loss": final_loss(trainer)}
     _save_task(out, config, state)
     extra: dict[str, Any] = {"steps": steps, "final_loss": config.training["final_loss"]}
     if selection is not None and (chosen := selection.save(out, lambda d: _save_task(d, config, state))):
         extra["dev_selected"] = chosen
-    return ModuleInfo(trainable=trainable, stored_bytes=_dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
                       extra=extra)
 
 
@@ -389,11 +390,11 @@ def assemble_task_model(ctx: MethodContext, task_dir: Path, language_dir: Path |
         raise CompsftError(f"{task_dir}: a {config.kind} adapter where a task adapter was expected")
     if not config.labels:
         raise CompsftError(f"{task_dir / 'adapter_config.json'}: field 'labels' is empty")
-    _, vocab = _vocab(ctx.model_dir)
+    _, vocab = load_vocab(ctx.model_dir)
     require_same_vocab(config.vocab, vocab, f"task adapter {task_dir}")
     spec = get_task(config.task)
     model = spec.build_model(ctx.model_dir, config.labels)
-    _load_head(model, head, task_dir)
+    load_head(model, head, task_dir)
     if language_dir is not None:
         _language_adapter_for_stack(model, Path(language_dir), settings, vocab)
     add_adapter(model, TASK, config, tensors)
@@ -402,7 +403,7 @@ def assemble_task_model(ctx: MethodContext, task_dir: Path, language_dir: Path |
     return model, list(config.labels)
 
 
-def _load_head(model, head: dict, task_dir: Path) -> None:
+def load_head(model, head: dict, task_dir: Path) -> None:
     params = dict(model.named_parameters())
     for name, value in head.items():
         if name not in params:
