@@ -24,7 +24,8 @@ in `sft_method.py` with another mask strategy; anything else implements the four
         assemble=assemble_sfts, parameter_counts=counts))
 
 The methods here: `lt-sft`, `task-sft-only`, `full-ft`, `random-mask`, `magnitude-mask`,
-`prune-difference` and `prune-difference-noretrain`; each module's docstring states its composition rule.
+`prune-difference` and `prune-difference-noretrain`; the adapter family `mad-x` (also `mad-x-rf16`,
+`mad-x-2.0`), `lora`, `shira`, `hydra`, `mosa`; each module's docstring states its composition rule.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from compsft.errors import CompsftError
 from .base import (DEV_SELECTED, Budget, LanguageData, MethodContext, MethodSpec, ModuleInfo,
                    TaskData)
 
-#: method name -> module (relative to this package) that defines `METHOD`, in the order the table shows them
+#: method name -> module (relative to this package) that defines `METHOD` (or `module:NAME`), in table order
 REGISTRY: dict[str, str] = {
     "lt-sft": ".lt_sft",
     "task-sft-only": ".task_sft_only",
@@ -44,6 +45,14 @@ REGISTRY: dict[str, str] = {
     "magnitude-mask": ".magnitude_mask",
     "prune-difference": ".prune_difference",
     "prune-difference-noretrain": ".prune_difference_noretrain",
+    # adapter family (issue 11); `module:NAME` when one module defines several variants
+    "mad-x": ".madx",
+    "mad-x-rf16": ".madx:METHOD_RF16",
+    "mad-x-2.0": ".madx:METHOD_2",
+    "lora": ".lora",
+    "shira": ".lora:METHOD_SHIRA",
+    "hydra": ".hydra",
+    "mosa": ".mosa",
 }
 
 # Methods registered at run time (users, tests): name -> spec.
@@ -61,7 +70,8 @@ def get_method(name: str) -> MethodSpec:
         return _EXTRA[name]
     if name not in REGISTRY:
         raise CompsftError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
-    spec = importlib.import_module(REGISTRY[name], __name__).METHOD
+    module, _, attr = REGISTRY[name].partition(":")
+    spec = getattr(importlib.import_module(module, __name__), attr or "METHOD")
     if spec.name != name:  # a module registered under the wrong name would cache under two keys
         raise CompsftError(f"method module {REGISTRY[name]} defines {spec.name!r}, registered as {name!r}")
     return spec
