@@ -81,8 +81,11 @@ def train_language_sft(
     resume: bool = False,
     cpu: bool = False,
     callbacks: list | None = None,
+    tuner=None,
 ):
-    """Train a language SFT for `lang` by masked language modelling (defaults: the paper's)."""
+    """Train a language SFT for `lang` by masked language modelling (defaults: the paper's).
+
+    `tuner` builds the trainer (default `SparseFineTuner`; SpIEL passes its own, same arguments)."""
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed
 
@@ -132,7 +135,7 @@ def train_language_sft(
     config = SftConfig(kind="language", language=language.code, base_model=str(model),
                        vocab=_vocab(tokenizer), training=training)
     sft_args = _sft_args("language", k, density, mask_strategy, seed, (phase1, phase2), l1)
-    tuner = SparseFineTuner(model=mlm_model, args=args, train_dataset=dataset, data_collator=collator,
+    tuner = (tuner or SparseFineTuner)(model=mlm_model, args=args, train_dataset=dataset, data_collator=collator,
                             sft_args=sft_args, sft_config=config, mlm=True, callbacks=callbacks)
     tuner.train(resume_from_checkpoint=resume)
     tuner.save_sft(out)
@@ -166,8 +169,11 @@ def train_task_sft(
     resume: bool = False,
     cpu: bool = False,
     callbacks: list | None = None,
+    tuner=None,
 ):
-    """Train a task SFT with the source language SFT applied (defaults: the paper's POS/DP/NER)."""
+    """Train a task SFT with the source language SFT applied (defaults: the paper's POS/DP/NER).
+
+    `tuner` builds the trainer (default `SparseFineTuner`; SpIEL passes its own, same arguments)."""
     from transformers import AutoTokenizer, set_seed
 
     from ..errors import CompsftError
@@ -207,7 +213,7 @@ def train_task_sft(
                 "source_language": source.config.language if source else None}
     config = SftConfig(kind="task", task=task, base_model=str(model), vocab=_vocab(tokenizer), training=training)
     sft_args = _sft_args("task", k, density, mask_strategy, seed, (phase1, phase2), l1)
-    tuner = SparseFineTuner(model=task_model, args=args, train_dataset=dataset,
+    tuner = (tuner or SparseFineTuner)(model=task_model, args=args, train_dataset=dataset,
                             data_collator=spec.collator(tokenizer), sft_args=sft_args, sft_config=config, mlm=False,
                             callbacks=callbacks)
     tuner.train(resume_from_checkpoint=resume)
