@@ -215,3 +215,47 @@ def test_spiel_task_sft_composes_with_lt_sft_language_sft(trained):
     compsft.revert(model, handle)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not math.isnan(float(task.diffs[next(iter(task.diffs))].values.sum()))
+
+
+# -- the comparison methods -----------------------------------------------------------------------
+def tiny_budget(**kw):
+    from compsft.methods.base import Budget
+
+    base = dict(lang_steps=2, lang_epochs=None, lang_max_steps=None, lang_batch=8, lang_max_length=32, lang_lines=60,
+                lang_lr=1e-3, task_steps=2, task_epochs=None, task_batch=8, task_max_length=32, task_lr=1e-3,
+                train_sentences=24, dev_sentences=0, lang_density=0.05, task_density=0.05)
+    base.update(kw)
+    return Budget(**base)
+
+
+def test_spiel_methods_through_the_four_calls(trained, tmp_path):
+    from compsft.merge import applied
+    from compsft.methods import register_method, unregister_method
+    from compsft.methods.base import LanguageData, MethodContext, ModuleInfo, TaskData
+    from compsft.methods.lt_sft_lang_spiel_task import METHOD as MIXED
+    from compsft.methods.spiel import METHOD
+
+    ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget())
+    text = trained["root"] / "text.txt"
+    lang_info = METHOD.train_language(ctx, LanguageData("mlt", [text]), 0, tmp_path / "lang")
+    assert lang_info.trainable > 0 and lang_info.stored_bytes > 0 and lang_info.extra["reselections"] == 0
+    assert compsft.load(tmp_path / "lang").config.training["phases"]["phase2"]["steps"] == 4  # both phases' steps
+    info = METHOD.train_task(ctx, TaskData("pos", "ud:en_ewt:train"), tmp_path / "lang", 0, tmp_path / "task")
+    task = compsft.load(tmp_path / "task")
+    assert task.config.training["method"] == "spiel" and info.extra["k"] == task.k
+    model, labels = METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang")
+    assert labels == task.config.training["labels"] and len(applied(model)) == 1
+    counts = METHOD.parameter_counts(ctx, "pos")
+    assert counts["task_k"] == task.k and counts["trainable"] > counts["task_trainable"]
+    # The mixed pair trains LT-SFT's language module (the registry's "lt-sft") and SpIEL's task module.
+    assert MIXED.name == "lt-sft-lang+spiel-task" and MIXED.language_key == "lt-sft" and MIXED.task_key == MIXED.name
+    calls = []
+    stub = METHOD.__class__(name="lt-sft", description="", composition="", train_task=None, assemble=None,
+                            parameter_counts=None,
+                            train_language=lambda *a: calls.append(a) or ModuleInfo(trainable=1, stored_bytes=1))
+    register_method(stub, replace=True)
+    try:
+        MIXED.train_language(ctx, LanguageData("mlt", [text]), 0, tmp_path / "x")
+    finally:
+        unregister_method("lt-sft")
+    assert len(calls) == 1
