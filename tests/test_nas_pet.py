@@ -41,25 +41,29 @@ def test_space_covers_every_linear_and_bias():
 
 def test_structured_pruning_keeps_the_units_with_largest_first_order_score():
     model, space = tiny_space()
+    grads = ones_grads(space)
     with torch.no_grad():
         for part in space.parts.values():
             for t, _ in space.tensors(part):
                 t.zero_()
         q = space.parts[QUERY]
-        q.A[2] = 0.5                      # component 2 of the query: |θ · g| = 16 · 0.5 = 8
-        q.B[:, 1] = 0.01                  # component 1: 16 · 0.01 = 0.16
-        space.parts[OUT_BIAS].d.fill_(-1.0)   # the bias vector: |Σ -1| = 16
+        q.A[2] = 0.5                      # component 2 of the query moved most, but its gradient is 0: score 0
+        grads[id(q.A)][2] = 0.0
+        q.B[:, 1] = 0.01                  # component 1: |θ · g| = 16 · 0.01 = 0.16
+        q.B[:, 3] = -0.01                 # component 3: the same, with the other sign (|Σ θ g|, not Σ θ g)
+        space.parts[OUT_BIAS].d.fill_(-1.0)   # the bias vector: |Σ -1 · 0.5| = 8
+        grads[id(space.parts[OUT_BIAS].d)].fill_(0.5)
     cost_component = q.A.shape[1] + q.B.shape[0]
-    info = space.prune(ones_grads(space), target=2 * cost_component + 16)
+    info = space.prune(grads, target=2 * cost_component + 16)
     assert info["after"] == 2 * cost_component + 16
-    assert (q.mask_a[:, 0] > 0).tolist() == [False, True, True, False]
+    assert (q.mask_a[:, 0] > 0).tolist() == [False, True, False, True]
     assert bool(space.parts[OUT_BIAS].mask.all())
     alive = {n for n, s in space.survivors().items() if s["entries"]}
     assert alive == {QUERY, OUT_BIAS}
     assert space.survivors()[QUERY]["components"] == 2
     # Pruned units are zero and stay pruned in the next round.
-    assert float(q.A[0].abs().sum()) == 0 and float(q.B[:, 3].abs().sum()) == 0
-    space.prune(ones_grads(space), target=16)
+    assert float(q.A[2].detach().abs().sum()) == 0 and float(q.B[:, 0].detach().abs().sum()) == 0
+    space.prune(grads, target=16)
     assert space.trainable() == 16 and bool(space.parts[OUT_BIAS].mask.all())
 
 
@@ -70,8 +74,9 @@ def test_unstructured_pruning_keeps_exactly_the_budget_by_entry_score():
         for part in space.parts.values():
             for t, _ in space.tensors(part):
                 t.copy_(torch.randn_like(t))
-    grads = ones_grads(space)
-    scores = torch.cat([t.detach().abs().reshape(-1) for p in space.parts.values() for t, _ in space.tensors(p)])
+    grads = {key: torch.randn_like(g) for key, g in ones_grads(space).items()}
+    scores = torch.cat([(t.detach() * grads[id(t)]).abs().reshape(-1)
+                        for p in space.parts.values() for t, _ in space.tensors(p)])
     space.prune(grads, target=500)
     assert space.trainable() == 500
     kept = torch.cat([m.reshape(-1) for p in space.parts.values() for _, m in space.tensors(p)]) > 0
@@ -115,13 +120,26 @@ def assets(tmp_path_factory):
     text = write_text_corpus(root / "text.txt")
     lang = compsft.train_language_sft(model, "mlt", root / "lang", text=[text], k=400, phase1=(None, 2, 2),
                                       phase2=(None, 2, 2), max_length=32, cpu=True, save_steps=0).sft
-    return {"model": model, "root": root, "lang": lang}
+    return {"model": model, "root": root, "lang": lang, "train": first_sentences(root / "train.conllu", 24)}
 
 
-@pytest.mark.parametrize("structured", [True, False])
-def test_recipe_searches_retrains_and_writes_a_composable_sft(assets, structured):
+def first_sentences(path, n):
+    """The first `n` sentences of the shipped English training set (reading all 4,000 is slow)."""
+    import gzip
+
+    from compsft.tasks import data_path
+
+    source = data_path("ud:en_ewt:train")
+    opener = gzip.open if source.suffix == ".gz" else open
+    with opener(source, "rt", encoding="utf-8") as f:
+        blocks = f.read().split("\n\n")[:n]
+    path.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+    return path
+
+
+def test_recipe_searches_retrains_and_writes_a_composable_sft(assets, structured=True):
     out = assets["root"] / f"task-{structured}"
-    res = train_nas_pet_sft("pos", assets["model"], "ud:en_ewt:train", out, source_sft=assets["root"] / "lang",
+    res = train_nas_pet_sft("pos", assets["model"], assets["train"], out, source_sft=assets["root"] / "lang",
                             k=1500, nas_args=NasPetArguments(structured=structured, rank=4, rounds=2, score_steps=2),
                             search=(None, 4, 4), retrain=(None, 2, 2), max_sentences=24, max_length=32, cpu=True)
     assert res.space > 1500 and [h["target"] for h in res.history][-1] == 1500
@@ -142,3 +160,25 @@ def test_recipe_searches_retrains_and_writes_a_composable_sft(assets, structured
     assert changed >= set(sft.diffs) | set(assets["lang"].diffs) - {n for n in assets["lang"].diffs if "cls." in n}
     compsft.revert(model, handle)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_methods_through_the_four_calls(assets, tmp_path):
+    from compsft.merge import applied
+    from compsft.methods.base import Budget, MethodContext, TaskData
+    from compsft.methods.nas_pet import METHODS
+    from compsft.methods.nas_pet_unstructured import METHOD
+
+    assert set(METHODS) == {"nas-pet-structured", "nas-pet-unstructured"} and METHOD is METHODS["nas-pet-unstructured"]
+    assert all(m.language_key == "lt-sft" and m.task_key == m.name for m in METHODS.values())
+    budget = Budget(lang_steps=2, lang_epochs=None, lang_max_steps=None, lang_batch=8, lang_max_length=32,
+                    lang_lines=60, lang_lr=1e-3, task_steps=3, task_epochs=None, task_batch=8, task_max_length=32,
+                    task_lr=1e-3, train_sentences=24, dev_sentences=0, task_density=0.02)
+    ctx = MethodContext(model_dir=assets["model"], budget=budget)
+    info = METHOD.train_task(ctx, TaskData("pos", assets["train"]), assets["root"] / "lang", 0, tmp_path / "task")
+    sft = compsft.load(tmp_path / "task")
+    assert sft.config.training["method"] == "nas-pet-unstructured"
+    assert info.extra["budget"] == sft.config.training["budget"] == METHOD.parameter_counts(ctx, "pos")["task_k"]
+    assert info.trainable == info.extra["budget"] + sum(t.numel() for t in sft.dense.values())
+    assert sft.config.training["stages"]["search"]["steps"] == 3 and len(info.extra["prune_history"]) == 3
+    model, labels = METHOD.assemble(ctx, tmp_path / "task", assets["root"] / "lang")
+    assert labels == sft.config.training["labels"] and len(applied(model)) == 1
