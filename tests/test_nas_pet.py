@@ -7,8 +7,8 @@ from transformers import BertForTokenClassification
 
 import compsft
 from compsft.errors import CompsftError
-from compsft.training.nas_pet import (LoraDelta, NasPetArguments, PetSpace, prune_schedule, round_targets,
-                                      train_nas_pet_sft)
+from compsft.training.nas_pet import (LoraDelta, NasPetArguments, PetSpace, auto_rank, prune_schedule,
+                                      round_targets, train_nas_pet_sft)
 
 from training_helpers import make_model_dir, tiny_config, write_text_corpus
 
@@ -87,6 +87,8 @@ def test_schedule_is_geometric_down_to_the_budget():
     assert round_targets(10_000, 100, 2) == [1000, 100]
     assert prune_schedule(12, 10_000, 100, NasPetArguments(rounds=2)) == {6: 1000, 12: 100}
     assert round_targets(50, 100, 3) == [50, 50, 50]   # a space below the budget is not pruned
+    model, _ = tiny_space()   # 2 layers x (4 · (16 + 16) + 2 · (16 + 32)) = 448 per rank, full rank 16
+    assert auto_rank(model, 100) == 8 and auto_rank(model, 1500) == 16 and auto_rank(model, 10**6) == 16
     with pytest.raises(CompsftError):
         NasPetArguments(rank=0)
 

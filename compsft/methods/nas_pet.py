@@ -2,7 +2,8 @@
 
 Task module: `compsft.training.nas_pet.train_nas_pet_sft` on the source task data with the *source*
 LT-SFT language SFT applied while training (as LT-SFT's task SFT): LoRA of rank r on every linear
-layer of the encoder plus every bias vector, trained for LT-SFT's phase-1 steps while it is pruned in
+layer of the encoder plus every bias vector (r: the smallest power of two >= 8 whose space holds 4·K,
+at most full rank), trained for LT-SFT's phase-1 steps while it is pruned in
 three rounds to K trainable entries (LT-SFT's task K: the same budget), then the surviving
 architecture retrained from scratch for LT-SFT's phase-2 steps. The trained PET is merged into the
 weights as a difference and stored as an ordinary SFT (ΔW = s·BA on each matrix with a surviving
@@ -30,7 +31,6 @@ from .base import MethodContext, MethodSpec, ModuleInfo, TaskData
 from .spiel import assemble, lt_sft_language, module_bytes
 
 PET_LR_SCALE = 10.0
-RANK = 16
 ROUNDS = 3
 
 
@@ -58,7 +58,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
     with atomic_path(out) as tmp:
         res = train_nas_pet_sft(data.task, ctx.model_dir, data.train, tmp, source_sft=source_module,
                                 density=b.task_density, search=search, retrain=retrain,
-                                nas_args=NasPetArguments(structured=structured, rank=RANK, rounds=ROUNDS),
+                                nas_args=NasPetArguments(structured=structured, rounds=ROUNDS),
                                 lr=b.task_lr * PET_LR_SCALE, batch_size=b.task_batch,
                                 max_length=b.task_max_length, max_sentences=b.train_sentences, seed=seed,
                                 cpu=ctx.device == "cpu", callbacks=list(ctx.callbacks),
@@ -67,6 +67,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
     return ModuleInfo(trainable=res.trainable + head, stored_bytes=module_bytes(out),
                       seconds=round(time.perf_counter() - t0, 2),
                       extra={"budget": res.budget, "space": res.space, "merged_k": res.sft.k,
+                             "rank": res.sft.config.training["nas_pet"]["rank"],
                              "prune_history": res.history, "survivors": res.survivors})
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,13 +45,15 @@ class NasPetArguments:
 
     structured: bool = field(default=True, metadata={"help": "prune rank-1 components and bias vectors "
                                                              "(False: single entries)"})
-    rank: int = field(default=16, metadata={"help": "LoRA rank r of the search space"})
+    rank: int | None = field(default=None, metadata={
+        "help": "LoRA rank r of the search space (None: the smallest power of two >= 8 whose space holds "
+                "4 x the budget, at most full rank)"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA scale alpha / r (None: alpha = r)"})
     rounds: int = field(default=3, metadata={"help": "pruning rounds during the search"})
     score_steps: int = field(default=4, metadata={"help": "steps whose mean gradient scores a round"})
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.rounds < 1 or self.score_steps < 1:
+        if (self.rank is not None and self.rank < 1) or self.rounds < 1 or self.score_steps < 1:
             raise CompsftError("NAS-PET rank, rounds and score_steps must be >= 1")
 
 
@@ -104,6 +106,8 @@ class PetSpace:
     """The LoRA + bias search space attached to a model's encoder, with its pruning state."""
 
     def __init__(self, model: nn.Module, args: NasPetArguments) -> None:
+        if args.rank is None:
+            raise CompsftError("PetSpace needs a rank (see auto_rank)")
         self.args = args
         scale = (args.alpha if args.alpha is not None else args.rank) / args.rank
         self.parts: dict[str, LoraDelta | BiasDelta] = {}
@@ -234,6 +238,22 @@ class PetSpace:
                                                 leave_parametrized=False)
 
 
+def auto_rank(model: nn.Module, budget: int, least: int = 8, factor: int = 4) -> int:
+    """The smallest power of two >= `least` whose search space holds `factor` x `budget` entries
+    (pruning needs room to choose), at most the largest full rank of the encoder's linear layers."""
+    linears = [m for m in model.base_model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CompsftError(f"{type(model).__name__}: no linear layer in the encoder")
+    per_rank = sum(m.in_features + m.out_features for m in linears)
+    biases = sum(m.bias.numel() for m in model.base_model.modules()
+                 if isinstance(getattr(m, "bias", None), nn.Parameter) and m.bias.dim() == 1)
+    full = max(min(m.in_features, m.out_features) for m in linears)
+    rank = least
+    while rank < full and rank * per_rank + biases < factor * budget:
+        rank *= 2
+    return min(rank, full)
+
+
 def round_targets(size: int, budget: int, rounds: int) -> list[int]:
     """Trainable counts after each round: geometric from the full space down to the budget."""
     budget = min(budget, size)
@@ -343,6 +363,8 @@ def train_nas_pet_sft(
     budget = resolve_k(sum(p.numel() for p in eligible_parameters(task_model).values()), k, density, "task")
     for p in task_model.base_model.parameters():
         p.requires_grad_(False)
+    if nas_args.rank is None:
+        nas_args = replace(nas_args, rank=auto_rank(task_model, budget))
     space = PetSpace(task_model, nas_args)
     heads = head_parameters(task_model)
     heads0 = {n: p.detach().clone() for n, p in heads.items()}
