@@ -8,7 +8,7 @@ from transformers import BertForTokenClassification
 import compsft
 from compsft.errors import CompsftError
 from compsft.training.nas_pet import (LoraDelta, NasPetArguments, PetSpace, auto_rank, prune_schedule,
-                                      round_targets, train_nas_pet_sft)
+                                      round_targets, survivors_by_layer, train_nas_pet_sft)
 
 from training_helpers import make_model_dir, tiny_config, write_text_corpus
 
@@ -61,6 +61,9 @@ def test_structured_pruning_keeps_the_units_with_largest_first_order_score():
     alive = {n for n, s in space.survivors().items() if s["entries"]}
     assert alive == {QUERY, OUT_BIAS}
     assert space.survivors()[QUERY]["components"] == 2
+    by_layer = survivors_by_layer(space.survivors())
+    assert by_layer["bert.encoder.layer.*.attention.self.query.weight"] == {"0": 0.5, "1": 0.0}
+    assert by_layer["bert.encoder.layer.*.attention.output.dense.bias"] == {"0": 0.0, "1": 1.0}
     # Pruned units are zero and stay pruned in the next round.
     assert float(q.A[2].detach().abs().sum()) == 0 and float(q.B[:, 0].detach().abs().sum()) == 0
     space.prune(grads, target=16)

@@ -238,6 +238,20 @@ class PetSpace:
                                                 leave_parametrized=False)
 
 
+def survivors_by_layer(survivors: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Share of entries surviving, by layer type (layer numbers replaced by '*') and layer number
+    ('-' outside the numbered layers): the data of the "which components survive" plot."""
+    import re
+
+    out: dict[str, dict[str, list[int]]] = {}
+    for name, s in survivors.items():
+        m = re.search(r"\.(\d+)\.", name)
+        row = out.setdefault(re.sub(r"\.\d+\.", ".*.", name), {}).setdefault(m.group(1) if m else "-", [0, 0])
+        row[0] += s["entries"]
+        row[1] += s["size"]
+    return {t: {layer: round(a / b, 4) for layer, (a, b) in rows.items()} for t, rows in out.items()}
+
+
 def auto_rank(model: nn.Module, budget: int, least: int = 8, factor: int = 4) -> int:
     """The smallest power of two >= `least` whose search space holds `factor` x `budget` entries
     (pruning needs room to choose), at most the largest full rank of the encoder's linear layers."""
