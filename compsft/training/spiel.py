@@ -30,6 +30,7 @@ the size of Adam's very first step. Other optimizer state of the slot is zeroed.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import TrainerCallback
+from transformers.trainer_utils import SaveStrategy
 
 from ..errors import CompsftError
 from .masks import random_mask
@@ -285,6 +287,9 @@ class SpielTuner(SparseFineTuner):
 
     def __init__(self, model=None, args=None, *, spiel_args: SpielArguments | None = None, **kwargs) -> None:
         super().__init__(model, args, **kwargs)
+        # Recorded in the SFT and the summary (a copy: the caller's arguments stay as they were).
+        self.sft_args = copy.copy(self.sft_args)
+        self.sft_args.mask_strategy = "spiel"
         self.spiel_args = spiel_args or SpielArguments()
         self.store: SpielStore | None = None
         self.reselections: list[dict] = []
@@ -295,6 +300,9 @@ class SpielTuner(SparseFineTuner):
         if resume_from_checkpoint:
             # The support changes shape per tensor, which the Trainer's checkpoints cannot restore.
             logger.warning("SpIEL does not resume: training again from the start")
+        if self.args.save_strategy != SaveStrategy.NO:
+            logger.info("SpIEL writes no checkpoints (it cannot resume from them)")
+            self.args.save_strategy = SaveStrategy.NO
         work = Path(self.args.output_dir)
         self._init_heads(work / HEADS_FILE, False)
         masks = random_mask(self._theta0, None, self.k, seed=self.sft_args.mask_seed)
@@ -347,7 +355,7 @@ def train_spiel_sft(kind: str, *args, steps: tuple = (None, 200, 200), spiel_arg
     for name in ("phase1", "phase2", "l1"):
         if name in kwargs:
             raise CompsftError(f"train_spiel_sft takes `steps`, not {name!r} (SpIEL has one phase, no L1)")
-    # Checkpoints are off: the support's shape per tensor changes, which a checkpoint cannot restore.
-    kwargs = {"save_steps": 0, **kwargs}
+    # No checkpoints (SpielTuner turns them off too): the support's shape per tensor changes.
+    kwargs["save_steps"] = 0
     tuner = partial(SpielTuner, spiel_args=spiel_args or SpielArguments())
     return recipes[kind](*args, phase1=(None, None, None), phase2=steps, l1=0.0, tuner=tuner, **kwargs)
