@@ -91,6 +91,7 @@ def train_language_sft(
     cpu: bool = False,
     callbacks: list | None = None,
     quiet: bool = False,
+    tuner=None,
 ):
     """Train a language SFT for `lang` by masked language modelling (defaults: the paper's).
 
@@ -98,7 +99,8 @@ def train_language_sft(
     (used when `text` is empty) and its evaluation files (always kept out of training); any other
     code needs `text`. The share of words the model's vocabulary can only spell out in single
     characters is recorded (``training["vocabulary_fallback"]``) and warned about above
-    `FALLBACK_THRESHOLD`.
+    `FALLBACK_THRESHOLD`. `tuner` builds the trainer (default `SparseFineTuner`; SpIEL passes its own,
+    same arguments).
     """
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed
@@ -156,7 +158,7 @@ def train_language_sft(
     config = SftConfig(kind="language", language=code, base_model=str(model),
                        vocab=_vocab(tokenizer), training=training)
     sft_args = _sft_args("language", k, density, mask_strategy, seed, (phase1, phase2), l1)
-    tuner = SparseFineTuner(model=mlm_model, args=args, train_dataset=dataset, data_collator=collator,
+    tuner = (tuner or SparseFineTuner)(model=mlm_model, args=args, train_dataset=dataset, data_collator=collator,
                             sft_args=sft_args, sft_config=config, mlm=True, callbacks=callbacks)
     if quiet:
         _silence(tuner)
@@ -193,8 +195,11 @@ def train_task_sft(
     cpu: bool = False,
     callbacks: list | None = None,
     quiet: bool = False,
+    tuner=None,
 ):
-    """Train a task SFT with the source language SFT applied (defaults: the paper's POS/DP/NER)."""
+    """Train a task SFT with the source language SFT applied (defaults: the paper's POS/DP/NER).
+
+    `tuner` builds the trainer (default `SparseFineTuner`; SpIEL passes its own, same arguments)."""
     from transformers import AutoTokenizer, set_seed
 
     from ..errors import CompsftError
@@ -234,7 +239,7 @@ def train_task_sft(
                 "source_language": source.config.language if source else None}
     config = SftConfig(kind="task", task=task, base_model=str(model), vocab=_vocab(tokenizer), training=training)
     sft_args = _sft_args("task", k, density, mask_strategy, seed, (phase1, phase2), l1)
-    tuner = SparseFineTuner(model=task_model, args=args, train_dataset=dataset,
+    tuner = (tuner or SparseFineTuner)(model=task_model, args=args, train_dataset=dataset,
                             data_collator=spec.collator(tokenizer), sft_args=sft_args, sft_config=config, mlm=False,
                             callbacks=callbacks)
     if quiet:

@@ -1,0 +1,171 @@
+"""`spiel` and `lt-sft-lang+spiel-task`: SpIEL (Ansell et al. 2024) modules in the comparison.
+
+`spiel`: the language SFT (MLM on the language's text) and the task SFT (source task data, with the
+*source* SpIEL language SFT applied while training) are both trained by SpIEL
+(`compsft.training.spiel`): K entries active from the start, dropped and regrown every 20 steps.
+SpIEL has one phase, so it trains for both LT-SFT phases' steps together (the same examples).
+
+`lt-sft-lang+spiel-task`: LT-SFT's language SFTs (cache key "lt-sft", trained once for both
+methods) with a SpIEL task SFT trained on top of the source LT-SFT language SFT.
+
+Composition, as LT-SFT's: both are ordinary SFTs, θ0 + φ_L(target) + φ_T by `compsft.apply`, the
+MLM head never, the task head from φ_T.
+
+Not yet: source-dev model selection (`budget.dev_checks`): the support moves during training, so
+the selected state would be indices and values, which compsft's `DevSelection` does not keep yet.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import CompsftError
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+
+
+def _add(a, b):
+    return None if a is None or b is None else a + b
+
+
+def language_steps(ctx: MethodContext) -> tuple:
+    """(max_epochs, min_steps, max_steps) of a language module: both LT-SFT phases together."""
+    b = ctx.budget
+    if b.lang_steps:
+        return (None, 2 * b.lang_steps, 2 * b.lang_steps)
+    if b.lang_epochs is None and b.lang_max_steps is None:
+        raise CompsftError("budget: language modules need lang_steps, lang_epochs or lang_max_steps")
+    return (_add(b.lang_epochs, b.lang_epochs), None, _add(b.lang_max_steps, b.lang_max_steps))
+
+
+def task_steps(ctx: MethodContext) -> tuple:
+    """(max_epochs, min_steps, max_steps) of a task module: both LT-SFT phases together."""
+    b = ctx.budget
+    if b.task_steps:
+        return (None, 2 * b.task_steps, 2 * b.task_steps)
+    if not b.task_epochs or len(b.task_epochs) != 2:
+        raise CompsftError("budget: task modules need task_steps or task_epochs (phase 1, phase 2)")
+    return (b.task_epochs[0] + b.task_epochs[1], None, None)
+
+
+def module_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
+
+
+def _common(ctx: MethodContext, seed: int, out: Path) -> dict:
+    return {"seed": seed, "cpu": ctx.device == "cpu", "callbacks": list(ctx.callbacks),
+            "work_dir": Path(ctx.work_dir) if ctx.work_dir else out.with_name(out.name + ".work")}
+
+
+def _info(tuner, out: Path, t0: float) -> ModuleInfo:
+    sft = tuner.sft
+    return ModuleInfo(trainable=int(sft.k + sum(t.numel() for t in sft.dense.values())),
+                      stored_bytes=module_bytes(out), seconds=round(time.perf_counter() - t0, 2),
+                      extra={"k": tuner.k, "num_eligible": tuner.num_eligible, "density": tuner.k / tuner.num_eligible,
+                             "reselections": len(tuner.reselections),
+                             "moved": sum(r["moved"] for r in tuner.reselections)})
+
+
+def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path) -> ModuleInfo:
+    """A SpIEL language SFT of `data.code` (MLM on its text), written to `out`."""
+    from ..atomic import atomic_path
+    from ..training.spiel import train_spiel_sft
+
+    b = ctx.budget
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp:
+        tuner = train_spiel_sft("language", ctx.model_dir, data.code, tmp, text=list(data.texts),
+                                exclude=list(data.exclude), density=b.lang_density, steps=language_steps(ctx),
+                                lr=b.lang_lr, batch_size=b.lang_batch, max_length=b.lang_max_length,
+                                max_lines=b.lang_lines, **_common(ctx, seed, out))
+    return _info(tuner, out, t0)
+
+
+def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, seed: int, out: Path) -> ModuleInfo:
+    """A SpIEL task SFT on the source data with the source language module applied, written to `out`."""
+    from ..atomic import atomic_path
+    from ..training.spiel import train_spiel_sft
+
+    b = ctx.budget
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp:
+        tuner = train_spiel_sft("task", data.task, ctx.model_dir, data.train, tmp, source_sft=source_module,
+                                density=b.task_density, steps=task_steps(ctx), lr=b.task_lr,
+                                batch_size=b.task_batch, max_length=b.task_max_length,
+                                max_sentences=b.train_sentences, **_common(ctx, seed, out))
+    return _info(tuner, out, t0)
+
+
+def assemble(ctx: MethodContext, task_module: Path, language_module: Path | None) -> tuple:
+    """θ0 + φ_L(target) + φ_T on a fresh task model on `ctx.device`: no MLM head, the task head."""
+    from ..merge import apply
+    from ..serialization import load_sft
+    from ..tasks import get_task
+
+    task_sft = load_sft(task_module)
+    labels = task_sft.config.training.get("labels")
+    if not labels or not task_sft.config.task:
+        raise CompsftError(f"{task_module}: not a task SFT written by compsft (no task or labels)")
+    model = get_task(task_sft.config.task).build_model(ctx.model_dir, list(labels)).to(ctx.device)
+    model.eval()
+    sfts, heads = [task_sft], [True]
+    if language_module is not None:
+        sfts, heads = [load_sft(language_module), task_sft], [False, True]
+    apply(model, *sfts, with_dense=heads)
+    return model, list(labels)
+
+
+def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
+    """K and trainable entries per module before training (SpIEL's K is LT-SFT's: same budget)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from ..tasks import get_task
+    from ..training.params import freeze_for_lt_sft, resolve_k, untie_output_embeddings
+
+    b = ctx.budget
+    with torch.device("meta"):
+        mlm = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(ctx.model_dir))
+    untie_output_embeddings(mlm)
+    eligible, heads = freeze_for_lt_sft(mlm)
+    lang_k = resolve_k(sum(p.numel() for p in eligible.values()), None, b.lang_density, "language")
+    spec = get_task(task)
+    model = spec.build_model(ctx.model_dir, spec.label_list([]))
+    t_eligible, t_heads = freeze_for_lt_sft(model)
+    task_k = resolve_k(sum(p.numel() for p in t_eligible.values()), None, b.task_density, "task")
+    task_trainable = task_k + sum(p.numel() for p in t_heads.values())
+    lang_trainable = lang_k + sum(p.numel() for p in heads.values())
+    return {"task_k": task_k, "task_trainable": task_trainable, "language_k": lang_k,
+            "language_trainable": lang_trainable, "trainable": task_trainable + lang_trainable}
+
+
+def lt_sft_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path) -> ModuleInfo:
+    """LT-SFT's language module (looked up in the registry when called, so it is LT-SFT's own code)."""
+    from . import get_method
+
+    return get_method("lt-sft").train_language(ctx, data, seed, out)
+
+
+METHOD = MethodSpec(
+    name="spiel",
+    description="SpIEL: language SFT + task SFT, both by SpIEL (drop and grow every 20 steps), composed",
+    composition="θ0 + φ_L(target) + φ_T, both SpIEL SFTs; MLM head never, task head from φ_T",
+    train_language=train_language,
+    train_task=train_task,
+    assemble=assemble,
+    parameter_counts=parameter_counts,
+)
+
+MIXED = MethodSpec(
+    name="lt-sft-lang+spiel-task",
+    description="LT-SFT language SFTs + a SpIEL task SFT, composed",
+    composition="θ0 + φ_L(target, LT-SFT) + φ_T (SpIEL); MLM head never, task head from φ_T",
+    train_language=lt_sft_language,
+    train_task=train_task,
+    assemble=assemble,
+    parameter_counts=parameter_counts,
+    language_key="lt-sft",
+)
+
+#: every method this module defines, by name (the registry imports one `METHOD` per module:
+#: `lt_sft_lang_spiel_task.py` re-exports MIXED as its METHOD)
+METHODS = {METHOD.name: METHOD, MIXED.name: MIXED}

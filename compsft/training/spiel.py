@@ -1,0 +1,361 @@
+"""SpIEL (Ansell et al. 2024): sparse fine-tuning whose support moves during training.
+
+Phase-free: K entries are active from the first step (chosen at random, seeded). Every
+``reselection_steps`` optimizer steps, the active entries with the smallest |Δ| are dropped and
+as many inactive entries with the largest accumulated gradient |Σ g| are grown (SpIEL-AG); the
+gradient is accumulated over the ``accumulation_steps`` optimizer steps just before a reselection.
+The number moved is ``rate · K`` with the rate decaying from ``reselection_rate`` to 0 (cosine,
+as RigL's drop fraction). The result is an ordinary `SparseFineTuning`: K entries plus heads.
+
+How it is held (why one shared vector): the optimizer keeps state per parameter *object*, and a
+global reselection moves entries between tensors, so per-tensor values vectors would change size.
+Instead all K values live in one parameter ``SpielStore.values`` of constant shape; each eligible
+tensor is parametrised, as in `compsft.training.sparse`, as ``θ0 + scatter(indices, values[slots])``
+with θ0 frozen. A reselection only rewrites the `indices`/`slots` buffers and, in place, the
+dropped slots of ``values`` and of Adam's moments, so neither the optimizer nor DDP sees a new
+parameter. A dropped entry's slot is given to a grown entry, so the dropped entry is θ0 again,
+bit for bit.
+
+Memory outside the accumulation steps: θ0 (frozen, no gradient), K values + K gradient + 2K Adam
+moments (fp32), K int64 indices + K int64 slots. During the accumulation steps it also holds one
+dense fp32 accumulator per eligible tensor (4 bytes per eligible entry), freed after the
+reselection. As in LT-SFT phase 2, each forward materialises θ0 + Δ per tensor, and autograd keeps
+those weights until backward.
+
+New entries start at Δ = 0. Adam's moments of a grown entry are seeded from its mean accumulated
+gradient ḡ = Σ g / A (A accumulation steps) as the moments an entry would have after t steps
+(t = the optimizer's step count) of constant gradient ḡ: ``exp_avg = (1 − β1^t) ḡ`` and
+``exp_avg_sq = (1 − β2^t) ḡ²``; after Adam's bias correction its next update is ``lr · sign(ḡ)``,
+the size of Adam's very first step. Other optimizer state of the slot is zeroed.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from transformers import TrainerCallback
+from transformers.trainer_utils import SaveStrategy
+
+from ..errors import CompsftError
+from .masks import random_mask
+from .selection import select_top_k
+from .trainer import HEADS_FILE, SparseFineTuner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpielArguments:
+    """Settings of SpIEL's reselection (defaults: the paper's)."""
+
+    reselection_steps: int = field(default=20, metadata={"help": "optimizer steps between reselections (R)"})
+    accumulation_steps: int = field(default=5, metadata={
+        "help": "optimizer steps before each reselection whose gradients are accumulated for growing"})
+    reselection_rate: float = field(default=0.2, metadata={
+        "help": "fraction of K dropped and regrown at the first reselection; decays to 0 (cosine)"})
+
+    def __post_init__(self) -> None:
+        if self.reselection_steps < 1:
+            raise CompsftError(f"reselection_steps must be >= 1, got {self.reselection_steps}")
+        if not 1 <= self.accumulation_steps <= self.reselection_steps:
+            raise CompsftError(f"accumulation_steps must be in [1, reselection_steps], got {self.accumulation_steps}")
+        if not 0 <= self.reselection_rate <= 1:
+            raise CompsftError(f"reselection_rate must be in [0, 1], got {self.reselection_rate}")
+
+    def rate(self, step: int, total_steps: int) -> float:
+        """Fraction of K moved at `step` (cosine decay from `reselection_rate` to 0 at `total_steps`)."""
+        return self.reselection_rate * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+    def accumulates(self, step: int, total_steps: int) -> bool:
+        """Whether optimizer step `step` (1-based) accumulates gradients for the next reselection."""
+        nxt = -(-step // self.reselection_steps) * self.reselection_steps
+        return nxt < total_steps and nxt - step < self.accumulation_steps
+
+    def reselects(self, step: int, total_steps: int) -> bool:
+        """Whether the support changes after optimizer step `step` (never after the last one)."""
+        return step % self.reselection_steps == 0 and step < total_steps
+
+
+class SharedSparseValues(nn.Module):
+    """Parametrization ``weight -> weight + scatter(indices, store.values[slots])``."""
+
+    def __init__(self, store: "SpielStore", name: str, indices: Tensor, slots: Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "store", store)  # not a submodule: `values` is registered once, on the model
+        self.name = name
+        self.register_buffer("indices", indices, persistent=False)
+        self.register_buffer("slots", slots, persistent=False)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        out = torch.index_add(weight.reshape(-1), 0, self.indices, self.store.values[self.slots]).view_as(weight)
+        acc = self.store.accumulators.get(self.name)
+        if acc is not None and out.requires_grad:
+            # The dense gradient of the whole tensor, which the sparse values never see.
+            out.register_hook(partial(_accumulate, acc))
+        return out
+
+
+class SpielStore(nn.Module):
+    """The K trainable values of all tensors, their placement, and the reselection."""
+
+    ATTR = "spiel_store"
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        device = next(model.parameters()).device
+        self.k = sum(int(m.numel()) for m in masks.values())
+        self.values = nn.Parameter(torch.zeros(self.k, dtype=dtype, device=device))
+        self.numels: dict[str, int] = {}
+        self.accumulators: dict[str, Tensor] = {}
+        self.accumulated = 0
+        self.parts: dict[str, SharedSparseValues] = {}
+        start = 0
+        for name, idx in masks.items():
+            module, attr = _owner(model, name)
+            param = getattr(module, attr)
+            param.requires_grad_(False)
+            self.numels[name] = param.numel()
+            slots = torch.arange(start, start + idx.numel(), device=device)
+            start += idx.numel()
+            # Every eligible tensor is parametrised, even with no active entry, so it can grow some.
+            part = SharedSparseValues(self, name, idx.to(device=device, dtype=torch.long), slots)
+            parametrize.register_parametrization(module, attr, part)
+            module.parametrizations[attr].original.requires_grad_(False)
+            self.parts[name] = part
+        model.add_module(self.ATTR, self)  # so that the Trainer's optimizer finds `values`
+
+    # -- accumulation ---------------------------------------------------------------------------
+    def start_accumulating(self) -> None:
+        if not self.accumulators:
+            self.accumulators = {n: torch.zeros(numel, dtype=torch.float32, device=self.values.device)
+                                 for n, numel in self.numels.items()}
+            self.accumulated = 0
+
+    def count_step(self) -> None:
+        if self.accumulators:
+            self.accumulated += 1
+
+    # -- reselection ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reselect(self, n: int, optimizer=None) -> dict:
+        """Drop the `n` active entries of smallest |Δ| and grow the `n` inactive ones of largest |Σ g|."""
+        names = list(self.parts)
+        total = sum(self.numels.values())
+        n = max(0, min(int(n), self.k, total - self.k))
+        if not self.accumulators:
+            raise CompsftError("SpIEL reselection without accumulated gradients")
+        _all_reduce_mean(self.accumulators.values())
+        if n == 0:
+            self.accumulators, self.accumulated = {}, 0
+            return {"moved": 0}
+        # Drop: the n active entries that moved least; ties by slot.
+        mag = self.values.detach().abs().float()
+        dropped = select_top_k([self.k], lambda i, pos: -mag[pos], n)[0].to(self.values.device)
+        # Grow: among the entries inactive before the drop (a dropped entry is not regrown at once).
+        # Active entries are marked NaN in the accumulator (scored -1, below every |Σ g|).
+        for name in names:
+            acc = self.accumulators[name]
+            if bool(torch.isnan(acc).any()):
+                raise CompsftError(f"NaN among the accumulated gradients of {name}: the training diverged")
+            acc[self.parts[name].indices] = math.nan
+        accs = [self.accumulators[nm] for nm in names]
+        grown = select_top_k([self.numels[nm] for nm in names],
+                             lambda i, pos: torch.nan_to_num(accs[i][pos].abs(), nan=-1.0), n,
+                             names=names, device=self.values.device)
+        is_dropped = torch.zeros(self.k, dtype=torch.bool, device=self.values.device)
+        is_dropped[dropped] = True
+        seeds, start = [], 0
+        for name, idx in zip(names, grown):
+            part = self.parts[name]
+            keep = ~is_dropped[part.slots]
+            idx = idx.to(self.values.device)
+            new_slots = dropped[start:start + idx.numel()]
+            start += idx.numel()
+            seeds.append(self.accumulators[name][idx])  # signed Σ g (they were inactive)
+            indices = torch.cat([part.indices[keep], idx])
+            slots = torch.cat([part.slots[keep], new_slots])
+            order = torch.argsort(indices)
+            part.indices, part.slots = indices[order], slots[order]
+        mean_grad = torch.cat(seeds) / max(1, self.accumulated)  # in the order of `dropped`
+        self.values[dropped] = 0
+        self._seed_optimizer(optimizer, dropped, mean_grad)
+        self.accumulators, self.accumulated = {}, 0
+        return {"moved": n}
+
+    def _seed_optimizer(self, optimizer, slots: Tensor, mean_grad: Tensor) -> None:
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        if opt is None:
+            return
+        state = opt.state.get(self.values)
+        if not state:
+            return
+        betas = next((g.get("betas") for g in opt.param_groups if any(p is self.values for p in g["params"])), None)
+        step = float(state["step"]) if "step" in state else 0.0
+        for key, buf in state.items():
+            if not torch.is_tensor(buf) or buf.shape != self.values.shape:
+                continue
+            if key == "exp_avg" and betas is not None:
+                buf[slots] = ((1 - betas[0] ** step) * mean_grad).to(buf.dtype)
+            elif key == "exp_avg_sq" and betas is not None:
+                buf[slots] = ((1 - betas[1] ** step) * mean_grad.square()).to(buf.dtype)
+            else:
+                buf[slots] = 0
+
+    # -- the result -----------------------------------------------------------------------------
+    def masks_and_values(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Sorted indices and their Δ per tensor (CPU indices, values on their device)."""
+        masks, values = {}, {}
+        for name, part in self.parts.items():
+            masks[name] = part.indices.detach().cpu().clone()
+            values[name] = self.values.detach()[part.slots].clone()
+        return masks, values
+
+    def detach(self, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Remove the parametrizations (θ0 stays in place); returns `masks_and_values()`."""
+        out = self.masks_and_values()
+        for name in self.parts:
+            module, attr = _owner(model, name)
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        if getattr(model, self.ATTR, None) is self:
+            delattr(model, self.ATTR)
+        return out
+
+    def active_counts(self) -> dict[str, int]:
+        return {n: int(p.indices.numel()) for n, p in self.parts.items()}
+
+
+def _accumulate(acc: Tensor, grad: Tensor) -> None:
+    acc.add_(grad.reshape(-1).to(acc.dtype))
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def _all_reduce_mean(tensors) -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        t.div_(world)
+
+
+class _SpielCallback(TrainerCallback):
+    """Turns accumulation on before the steps that feed a reselection, and reselects after step R·j."""
+
+    def __init__(self, tuner: "SpielTuner") -> None:
+        self.tuner = tuner
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        store = self.tuner.store
+        if store is not None and self.tuner.spiel_args.accumulates(state.global_step + 1, state.max_steps):
+            store.start_accumulating()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        store = self.tuner.store
+        if store is None:
+            return
+        store.count_step()
+        if self.tuner.spiel_args.reselects(state.global_step, state.max_steps):
+            self.tuner.reselect(state.global_step, state.max_steps, optimizer)
+
+
+class SpielTuner(SparseFineTuner):
+    """A `SparseFineTuner` that trains SpIEL instead of LT-SFT's two phases.
+
+    It takes the same arguments plus `spiel_args` (`SpielArguments`); K comes from `sft_args` as
+    for LT-SFT, and the number of steps from its phase-2 fields (`sparse_ft_*`); the initial
+    support is `sft_args.mask_seed`'s random mask. Heads are trained dense, as in LT-SFT.
+
+    Example::
+
+        tuner = SpielTuner(model=model, args=training_args, train_dataset=ds, data_collator=collator,
+                           sft_args=SftArguments(sft_kind="task", k=10_000, sparse_ft_max_steps=200))
+        tuner.train()
+        tuner.save_sft("out/sft")      # an ordinary SFT: compsft.apply / revert / compose
+    """
+
+    def __init__(self, model=None, args=None, *, spiel_args: SpielArguments | None = None, **kwargs) -> None:
+        super().__init__(model, args, **kwargs)
+        # Recorded in the SFT and the summary (a copy: the caller's arguments stay as they were).
+        self.sft_args = copy.copy(self.sft_args)
+        self.sft_args.mask_strategy = "spiel"
+        self.spiel_args = spiel_args or SpielArguments()
+        self.store: SpielStore | None = None
+        self.reselections: list[dict] = []
+        self.add_callback(_SpielCallback(self))
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Train the K moving entries and the heads; afterwards `self.sft` holds the result, applied."""
+        if resume_from_checkpoint:
+            # The support changes shape per tensor, which the Trainer's checkpoints cannot restore.
+            logger.warning("SpIEL does not resume: training again from the start")
+        if self.args.save_strategy != SaveStrategy.NO:
+            logger.info("SpIEL writes no checkpoints (it cannot resume from them)")
+            self.args.save_strategy = SaveStrategy.NO
+        work = Path(self.args.output_dir)
+        self._init_heads(work / HEADS_FILE, False)
+        masks = random_mask(self._theta0, None, self.k, seed=self.sft_args.mask_seed)
+        dtype = next(iter(self._theta0.values())).dtype
+        self.store = SpielStore(self.model, masks, dtype)
+        try:
+            out = self._run_phase(2, work, False, trial, ignore_keys_for_eval)
+            heads = {n: p.detach().clone() for n, p in self._named(self._head_names).items()}
+        finally:
+            masks, values = self.store.detach(self.model)
+            self.store = None
+            for p in self._named(self._eligible_names).values():
+                p.requires_grad_(True)
+        self.masks = masks
+        self._reset_to_theta0()
+        self._finish(masks, values, heads)
+        self.sft.config.training.update({
+            "method": "spiel", "mask_strategy": "spiel", "spiel": asdict(self.spiel_args),
+            "reselections": self.reselections,
+        })
+        return out
+
+    def reselect(self, step: int, total_steps: int, optimizer=None) -> dict:
+        """One drop-and-grow at `step` (called by the callback); returns what moved."""
+        n = round(self.spiel_args.rate(step, total_steps) * self.k)
+        accumulated = self.store.accumulated
+        info = {"step": step, **self.store.reselect(n, optimizer), "accumulated_steps": accumulated}
+        self.reselections.append(info)
+        logger.debug("SpIEL step %d: moved %d of K=%d entries", step, info["moved"], self.k)
+        return info
+
+
+def train_spiel_sft(kind: str, *args, steps: tuple = (None, 200, 200), spiel_args: SpielArguments | None = None,
+                    **kwargs):
+    """Train a language or task SFT by SpIEL; the arguments are those of `train_language_sft` /
+    `train_task_sft` (kind "language" / "task"), except `phase1`/`phase2`/`l1`: SpIEL has one phase,
+    `steps` = (max_epochs, min_steps, max_steps), and no L1 pull. Returns the `SpielTuner`.
+
+    Example::
+
+        train_spiel_sft("language", "models/e5", "mlt", "sfts/mlt-spiel", steps=(None, 200, 200))
+        train_spiel_sft("task", "pos", "models/e5", "ud:en_ewt:train", "sfts/pos-spiel",
+                        source_sft="sfts/eng-spiel", steps=(None, 200, 200))
+    """
+    from .recipes import train_language_sft, train_task_sft
+
+    recipes = {"language": train_language_sft, "task": train_task_sft}
+    if kind not in recipes:
+        raise CompsftError(f"SpIEL trains a language or a task SFT, not {kind!r}")
+    for name in ("phase1", "phase2", "l1"):
+        if name in kwargs:
+            raise CompsftError(f"train_spiel_sft takes `steps`, not {name!r} (SpIEL has one phase, no L1)")
+    # No checkpoints (SpielTuner turns them off too): the support's shape per tensor changes.
+    kwargs["save_steps"] = 0
+    tuner = partial(SpielTuner, spiel_args=spiel_args or SpielArguments())
+    return recipes[kind](*args, phase1=(None, None, None), phase2=steps, l1=0.0, tuner=tuner, **kwargs)

@@ -1,0 +1,281 @@
+"""SpIEL: exactly K active entries, dropped entries back at θ0, optimizer state ∝ K, composition."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertForTokenClassification, TrainerCallback
+
+import compsft
+from compsft.errors import CompsftError
+from compsft.training import SftArguments
+from compsft.training.spiel import SpielArguments, SpielStore, SpielTuner, train_spiel_sft
+
+from training_helpers import ToyTagging, make_model_dir, tiny_config, training_args, write_text_corpus
+
+
+# -- the reselection itself, on a hand-made store ---------------------------------------------------
+class TwoTensors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(4, 3)   # 12 entries
+        self.lin = nn.Linear(3, 2)      # 6 + 2 entries
+
+
+def make_store(k_per_tensor):
+    torch.manual_seed(0)
+    model = TwoTensors()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {n: torch.arange(k) for n, k in zip(theta0, k_per_tensor)}
+    store = SpielStore(model, masks, torch.float32)
+    return model, theta0, store
+
+
+def test_reselect_drops_smallest_delta_grows_largest_gradient_and_seeds_adam():
+    model, theta0, store = make_store([2, 2, 0])   # active: emb 0,1; lin.weight 0,1 -> slots 0..3
+    opt = torch.optim.AdamW([store.values], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
+    store.values.grad = torch.ones(4)
+    opt.step()  # creates the state (step 1)
+    with torch.no_grad():
+        store.values.copy_(torch.tensor([0.5, -0.01, 0.02, -0.7]))  # slots 1 and 2 moved least
+    store.start_accumulating()
+    acc = store.accumulators
+    acc["emb.weight"][:] = torch.tensor([9.0, 9.0, 0, 0, 0, 3.0, 0, 0, 0, 0, 0, 0])  # 0, 1 are active
+    acc["lin.bias"][:] = torch.tensor([0.0, -4.0])
+    store.accumulated = 2
+    store.reselect(2, opt)
+    counts = store.active_counts()
+    assert sum(counts.values()) == store.k == 4
+    assert store.parts["emb.weight"].indices.tolist() == [0, 5]       # 1 dropped, 5 grown (|3|)
+    assert store.parts["lin.weight"].indices.tolist() == [1]           # 0 dropped (|0.02|)
+    assert store.parts["lin.bias"].indices.tolist() == [1]             # grown (|-4|), a tensor that had none
+    assert sorted(torch.cat([p.slots for p in store.parts.values()]).tolist()) == [0, 1, 2, 3]
+    # Grown entries start at 0; kept ones keep their Δ.
+    emb_slots = dict(zip(store.parts["emb.weight"].indices.tolist(), store.parts["emb.weight"].slots.tolist()))
+    assert store.values[emb_slots[5]] == 0 and store.values[emb_slots[0]] == 0.5
+    # Adam's moments of the grown entries: as after t = 1 steps of the mean gradient Σg / 2.
+    state = opt.state[store.values]
+    bias_slot = int(store.parts["lin.bias"].slots[0])
+    assert torch.allclose(state["exp_avg"][emb_slots[5]], torch.tensor((1 - 0.9) * 1.5))
+    assert torch.allclose(state["exp_avg_sq"][bias_slot], torch.tensor((1 - 0.99) * 4.0))
+    assert torch.allclose(state["exp_avg"][bias_slot], torch.tensor((1 - 0.9) * -2.0))
+    # Every inactive entry is θ0 bit for bit (dropped ones included); the accumulators are freed.
+    assert store.accumulators == {}
+    for name, part in store.parts.items():
+        module, attr = name.split(".")
+        weight = getattr(getattr(model, module), attr).detach().reshape(-1)
+        inactive = torch.ones(weight.numel(), dtype=torch.bool)
+        inactive[part.indices] = False
+        assert torch.equal(weight[inactive], theta0[name].reshape(-1)[inactive]), name
+
+
+def test_arguments_schedule_and_errors():
+    a = SpielArguments()
+    assert (a.reselection_steps, a.accumulation_steps, a.reselection_rate) == (20, 5, 0.2)
+    assert [s for s in range(1, 61) if a.accumulates(s, 60)] == [16, 17, 18, 19, 20, 36, 37, 38, 39, 40]
+    assert [s for s in range(1, 61) if a.reselects(s, 60)] == [20, 40]
+    assert a.rate(0, 100) == pytest.approx(0.2) and a.rate(100, 100) == pytest.approx(0.0)
+    assert a.rate(50, 100) == pytest.approx(0.1)
+    with pytest.raises(CompsftError, match="accumulation_steps"):
+        SpielArguments(reselection_steps=4, accumulation_steps=5)
+    with pytest.raises(CompsftError, match="reselection_rate"):
+        SpielArguments(reselection_rate=1.5)
+
+
+# -- SpIEL inside the Trainer -------------------------------------------------------------------
+class Watch(TrainerCallback):
+    """After every reselection: the support, the model's weights and the optimizer's state."""
+
+    def __init__(self, tuner, theta0):
+        self.tuner, self.theta0, self.records, self.state_elements = tuner, theta0, [], []
+        self._before = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        store = self.tuner.store
+        self._before = {n: dict(zip(p.indices.tolist(), store.values[p.slots].tolist()))
+                        for n, p in store.parts.items()}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        store = self.tuner.store
+        opt = getattr(optimizer, "optimizer", optimizer)
+        self.state_elements.append(sum(t.numel() for s in opt.state.values() for t in s.values()
+                                       if torch.is_tensor(t) and t.dim() > 0))
+        if not self.tuner.reselections or self.tuner.reselections[-1]["step"] != state.global_step:
+            return
+        params = dict(self.tuner.model.named_parameters())
+        record = {"k": sum(store.active_counts().values()), "dropped_moved": 0, "inactive_at_theta0": True,
+                  "grown_at_zero": True, "moved": self.tuner.reselections[-1]["moved"]}
+        for name, part in store.parts.items():
+            module = self.tuner.model.get_submodule(name.rpartition(".")[0])
+            weight = getattr(module, name.rpartition(".")[2]).detach().reshape(-1)
+            assert part.indices.unique().numel() == part.indices.numel()
+            active = set(part.indices.tolist())
+            inactive = torch.ones(weight.numel(), dtype=torch.bool)
+            inactive[part.indices] = False
+            record["inactive_at_theta0"] &= torch.equal(weight[inactive], self.theta0[name].reshape(-1)[inactive])
+            before = self._before[name]
+            record["dropped_moved"] += sum(1 for i, v in before.items() if i not in active and v != 0.0)
+            grown = [j for j, i in enumerate(part.indices.tolist()) if i not in before]
+            record["grown_at_zero"] &= bool((store.values[part.slots[grown]] == 0).all())
+        assert "spiel_store.values" in params
+        self.records.append(record)
+
+
+def run_tuner(tmp_path, k, steps=13, args=None, **spiel):
+    torch.manual_seed(0)
+    model = BertForTokenClassification(tiny_config(num_labels=3))
+    sft_args = SftArguments(sft_kind="task", k=k, sparse_ft_max_epochs=None, sparse_ft_max_steps=steps)
+    args = training_args(tmp_path, learning_rate=5e-2, **(args or {}))
+    tuner = SpielTuner(model=model, args=args, train_dataset=ToyTagging(),
+                       sft_args=sft_args, spiel_args=SpielArguments(**spiel))
+    theta0 = {n: t.clone() for n, t in tuner._theta0.items()}
+    watch = Watch(tuner, theta0)
+    tuner.add_callback(watch)
+    tuner.train()
+    return tuner, watch, theta0
+
+
+def test_exactly_k_after_every_reselection_and_dropped_entries_back_at_theta0(tmp_path):
+    tuner, watch, theta0 = run_tuner(tmp_path, k=300, steps=10, reselection_steps=3, accumulation_steps=2,
+                                     reselection_rate=0.5)
+    assert [r["step"] for r in tuner.reselections] == [3, 6, 9]
+    assert len(watch.records) == 3 and all(r["moved"] > 0 for r in watch.records)
+    assert all(r["k"] == 300 for r in watch.records)
+    assert all(r["inactive_at_theta0"] for r in watch.records)
+    assert all(r["grown_at_zero"] for r in watch.records)
+    assert sum(r["dropped_moved"] for r in watch.records) > 0   # entries with Δ ≠ 0 were dropped (and reset)
+    sft = tuner.sft
+    assert sft.k == 300 and sft.config.training["method"] == "spiel"
+    assert set(sft.dense) == {"classifier.weight", "classifier.bias"}
+    assert "bert.embeddings.word_embeddings.weight" in sft.diffs     # embeddings too
+    # The model holds θ0 + φ afterwards; reverting gives θ0 back.
+    compsft.revert(tuner.model)
+    params = dict(tuner.model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in theta0.items())
+
+
+def test_optimizer_state_is_proportional_to_k(tmp_path):
+    sizes = {}
+    for k in (100, 400):
+        # Checkpoints asked for are turned off (SpIEL cannot resume from them).
+        tuner, watch, _ = run_tuner(tmp_path / str(k), k=k, steps=4, reselection_steps=3, accumulation_steps=1,
+                                    args={"save_strategy": "steps", "save_steps": 2})
+        assert not list((tmp_path / str(k)).rglob("checkpoint-*"))
+        assert tuner.sft.config.training["mask_strategy"] == "spiel"
+        heads = sum(p.numel() for n, p in tuner.model.named_parameters() if n.startswith("classifier."))
+        assert set(watch.state_elements) == {2 * k + 2 * heads}   # exp_avg + exp_avg_sq of K values and heads
+        sizes[k] = watch.state_elements[-1] - 2 * heads
+    assert sizes[400] == 4 * sizes[100]
+
+
+# -- the recipe and composition with an LT-SFT language SFT ------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spiel")
+    model = make_model_dir(root / "model")
+    text = write_text_corpus(root / "text.txt")
+    common = dict(max_length=32, batch_size=8, cpu=True, logging_steps=2, save_steps=0)
+    lang = compsft.train_language_sft(model, "mlt", root / "lang", text=[text], k=400,
+                                      phase1=(None, 2, 2), phase2=(None, 2, 2), **common).sft
+    spiel = SpielArguments(reselection_steps=2, accumulation_steps=1)
+    spiel_lang = train_spiel_sft("language", model, "mlt", root / "lang-spiel", text=[text], k=300,
+                                 steps=(None, 5, 5), spiel_args=spiel, **common)
+    train = first_sentences(root / "train.conllu", 24)
+    task = train_spiel_sft("task", "pos", model, train, root / "task", source_sft=root / "lang",
+                           max_sentences=24, k=300, steps=(None, 5, 5), spiel_args=spiel, **common)
+    return {"model": model, "lang": lang, "root": root, "spiel_lang": spiel_lang, "task": task, "train": train}
+
+
+def first_sentences(path, n):
+    """The first `n` sentences of the shipped English training set (reading all 4,000 is slow)."""
+    import gzip
+
+    from compsft.tasks import data_path
+
+    source = data_path("ud:en_ewt:train")
+    opener = gzip.open if source.suffix == ".gz" else open
+    with opener(source, "rt", encoding="utf-8") as f:
+        blocks = f.read().split("\n\n")[:n]
+    path.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+    return path
+
+
+def test_recipe_writes_ordinary_sfts(trained):
+    lang = compsft.load(trained["root"] / "lang-spiel")
+    assert lang.config.kind == "language" and lang.k == 300 and lang.config.training["method"] == "spiel"
+    assert any(n.startswith("cls.") for n in lang.dense) and len(lang.config.training["reselections"]) == 2
+    task = compsft.load(trained["root"] / "task")
+    assert task.config.kind == "task" and task.k == 300 and task.config.training["source_language"] == "mlt"
+    with pytest.raises(CompsftError, match="steps"):
+        train_spiel_sft("task", "pos", trained["model"], trained["train"], trained["root"] / "x", phase2=(1, 1, 1))
+
+
+def test_spiel_task_sft_composes_with_lt_sft_language_sft(trained):
+    from compsft.tasks import get_task
+
+    task = compsft.load(trained["root"] / "task")
+    lang = compsft.load(trained["root"] / "lang")
+    labels = task.config.training["labels"]
+    model = get_task("pos").build_model(trained["model"], labels)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = compsft.apply(model, lang, task, with_dense=[False, True])
+    after = dict(model.named_parameters())
+    merged = compsft.compose(lang, task, with_dense=[False, True])
+    for name, delta in merged.diffs.items():
+        expected = before[name].reshape(-1).clone()
+        expected[delta.indices.long()] += delta.values.to(expected.dtype)
+        assert torch.allclose(after[name].detach().reshape(-1), expected, atol=1e-6), name
+    assert torch.equal(after["classifier.weight"], task.dense["classifier.weight"])
+    compsft.revert(model, handle)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # Two SpIEL SFTs compose as well.
+    handle = compsft.apply(model, compsft.load(trained["root"] / "lang-spiel"), task, with_dense=[False, True])
+    compsft.revert(model, handle)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not math.isnan(float(task.diffs[next(iter(task.diffs))].values.sum()))
+
+
+# -- the comparison methods -----------------------------------------------------------------------
+def tiny_budget(**kw):
+    from compsft.methods.base import Budget
+
+    base = dict(lang_steps=2, lang_epochs=None, lang_max_steps=None, lang_batch=8, lang_max_length=32, lang_lines=60,
+                lang_lr=1e-3, task_steps=2, task_epochs=None, task_batch=8, task_max_length=32, task_lr=1e-3,
+                train_sentences=24, dev_sentences=0, lang_density=0.05, task_density=0.05)
+    base.update(kw)
+    return Budget(**base)
+
+
+def test_spiel_methods_through_the_four_calls(trained, tmp_path):
+    from compsft.merge import applied
+    from compsft.methods import register_method, unregister_method
+    from compsft.methods.base import LanguageData, MethodContext, ModuleInfo, TaskData
+    from compsft.methods.lt_sft_lang_spiel_task import METHOD as MIXED
+    from compsft.methods.spiel import METHOD
+
+    ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget())
+    text = trained["root"] / "text.txt"
+    lang_info = METHOD.train_language(ctx, LanguageData("mlt", [text]), 0, tmp_path / "lang")
+    assert lang_info.trainable > 0 and lang_info.stored_bytes > 0 and lang_info.extra["reselections"] == 0
+    assert compsft.load(tmp_path / "lang").config.training["phases"]["phase2"]["steps"] == 4  # both phases' steps
+    info = METHOD.train_task(ctx, TaskData("pos", trained["train"]), tmp_path / "lang", 0, tmp_path / "task")
+    task = compsft.load(tmp_path / "task")
+    assert task.config.training["method"] == "spiel" and info.extra["k"] == task.k
+    model, labels = METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang")
+    assert labels == task.config.training["labels"] and len(applied(model)) == 1
+    counts = METHOD.parameter_counts(ctx, "pos")
+    assert counts["task_k"] == task.k and counts["trainable"] > counts["task_trainable"]
+    # The mixed pair trains LT-SFT's language module (the registry's "lt-sft") and SpIEL's task module.
+    assert MIXED.name == "lt-sft-lang+spiel-task" and MIXED.language_key == "lt-sft" and MIXED.task_key == MIXED.name
+    calls = []
+    stub = METHOD.__class__(name="lt-sft", description="", composition="", train_task=None, assemble=None,
+                            parameter_counts=None,
+                            train_language=lambda *a: calls.append(a) or ModuleInfo(trainable=1, stored_bytes=1))
+    register_method(stub, replace=True)
+    try:
+        MIXED.train_language(ctx, LanguageData("mlt", [text]), 0, tmp_path / "x")
+    finally:
+        unregister_method("lt-sft")
+    assert len(calls) == 1
