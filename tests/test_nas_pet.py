@@ -171,7 +171,7 @@ def test_methods_through_the_four_calls(assets, tmp_path):
     from compsft.merge import applied
     from compsft.methods.base import Budget, MethodContext, TaskData
     from compsft.methods.nas_pet import METHODS
-    from compsft.methods.nas_pet_unstructured import METHOD
+    from compsft.methods.nas_pet import UNSTRUCTURED as METHOD
 
     assert set(METHODS) == {"nas-pet-structured", "nas-pet-unstructured"} and METHOD is METHODS["nas-pet-unstructured"]
     assert all(m.language_key == "lt-sft" and m.task_key == m.name for m in METHODS.values())

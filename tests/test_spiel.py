@@ -252,7 +252,7 @@ def test_spiel_methods_through_the_four_calls(trained, tmp_path):
     from compsft.merge import applied
     from compsft.methods import register_method, unregister_method
     from compsft.methods.base import LanguageData, MethodContext, ModuleInfo, TaskData
-    from compsft.methods.lt_sft_lang_spiel_task import METHOD as MIXED
+    from compsft.methods.spiel import MIXED
     from compsft.methods.spiel import METHOD
 
     ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget())

@@ -53,6 +53,11 @@ REGISTRY: dict[str, str] = {
     "shira": ".lora:METHOD_SHIRA",
     "hydra": ".hydra",
     "mosa": ".mosa",
+    # sparse training and pruning (issue 12)
+    "spiel": ".spiel",
+    "lt-sft-lang+spiel-task": ".spiel:MIXED",
+    "nas-pet-structured": ".nas_pet",
+    "nas-pet-unstructured": ".nas_pet:UNSTRUCTURED",
 }
 
 # Methods registered at run time (users, tests): name -> spec.

@@ -172,6 +172,7 @@ def model_facts(model_dir: str, task: str) -> dict[str, Any]:
     untie_output_embeddings(mlm)
     eligible, heads = freeze_for_lt_sft(mlm)
     facts: dict[str, Any] = {
+        "config": config,
         "language_sizes": [p.numel() for p in eligible.values()],
         "language_head": sum(p.numel() for p in heads.values()), "language_head_tensors": len(heads),
     }
@@ -197,14 +198,15 @@ def sft_counts(ctx: MethodContext, task: str, *, language: bool, target_language
     facts = model_facts(str(ctx.model_dir), task)
     b = ctx.budget
     out: dict[str, int] = {}
-    task_k = resolve_k(sum(facts["task_sizes"]), None, b.task_density, "task")
+    task_k = resolve_k(sum(facts["task_sizes"]), None, b.task_density, "task", config=facts["config"])
     out["task_k"] = task_k
     out["task_trainable"] = task_k + facts["task_head"]
     out["task_stored_bytes"] = estimate_sft_bytes(task_k, facts["task_sizes"], facts["task_head"],
                                                   facts["task_head_tensors"])
     trainable, stored = out["task_trainable"], out["task_stored_bytes"]
     if language:
-        lang_k = resolve_k(sum(facts["language_sizes"]), None, b.lang_density, "language")
+        lang_k = resolve_k(sum(facts["language_sizes"]), None, b.lang_density, "language",
+                           config=facts["config"])
         out["language_k"] = lang_k
         out["language_trainable"] = lang_k + facts["language_head"]
         out["language_stored_bytes"] = estimate_sft_bytes(lang_k, facts["language_sizes"], facts["language_head"],

@@ -263,7 +263,8 @@ def merge_from(model: nn.Module, directory: Path, vocab: dict | None = None) -> 
 def rank_for_k(model: nn.Module, kind: str, density: float | None) -> tuple[int, int, dict]:
     from compsft.training.params import eligible_parameters, resolve_k
 
-    k = resolve_k(sum(p.numel() for p in eligible_parameters(model).values()), density=density, kind=kind)
+    k = resolve_k(sum(p.numel() for p in eligible_parameters(model).values()), density=density, kind=kind,
+                  config=model.config)
     layers = {n: [m.in_features, m.out_features] for n, m in target_linears(model).items()}
     per_rank = sum(i + 3 * o for i, o in layers.values())
     return max(1, round(k / per_rank)), k, layers

@@ -70,7 +70,8 @@ def rank_for_k(model, kind: str, density: float | None) -> tuple[int, int]:
     """(rank, K): the LoRA rank whose trainable parameters come closest to K (at least 1)."""
     from compsft.training.params import eligible_parameters, resolve_k
 
-    k = resolve_k(sum(p.numel() for p in eligible_parameters(model).values()), density=density, kind=kind)
+    k = resolve_k(sum(p.numel() for p in eligible_parameters(model).values()), density=density, kind=kind,
+                  config=model.config)
     per_rank = sum(m.in_features + m.out_features for m in _target_linears(model).values())
     return max(1, round(k / per_rank)), k
 

@@ -95,6 +95,6 @@ def _spec(structured: bool) -> MethodSpec:
 
 STRUCTURED = _spec(True)
 UNSTRUCTURED = _spec(False)
-#: the registry imports one `METHOD` per module: `nas_pet_unstructured.py` re-exports UNSTRUCTURED
+#: the registry names UNSTRUCTURED as `.nas_pet:UNSTRUCTURED`
 METHOD = STRUCTURED
 METHODS = {STRUCTURED.name: STRUCTURED, UNSTRUCTURED.name: UNSTRUCTURED}

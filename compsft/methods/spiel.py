@@ -115,27 +115,10 @@ def assemble(ctx: MethodContext, task_module: Path, language_module: Path | None
 
 
 def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
-    """K and trainable entries per module before training (SpIEL's K is LT-SFT's: same budget)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    """K, trainable entries and stored bytes per target before training: SpIEL's K is LT-SFT's (same budget)."""
+    from .sft_method import counts
 
-    from ..tasks import get_task
-    from ..training.params import freeze_for_lt_sft, resolve_k, untie_output_embeddings
-
-    b = ctx.budget
-    with torch.device("meta"):
-        mlm = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(ctx.model_dir))
-    untie_output_embeddings(mlm)
-    eligible, heads = freeze_for_lt_sft(mlm)
-    lang_k = resolve_k(sum(p.numel() for p in eligible.values()), None, b.lang_density, "language")
-    spec = get_task(task)
-    model = spec.build_model(ctx.model_dir, spec.label_list([]))
-    t_eligible, t_heads = freeze_for_lt_sft(model)
-    task_k = resolve_k(sum(p.numel() for p in t_eligible.values()), None, b.task_density, "task")
-    task_trainable = task_k + sum(p.numel() for p in t_heads.values())
-    lang_trainable = lang_k + sum(p.numel() for p in heads.values())
-    return {"task_k": task_k, "task_trainable": task_trainable, "language_k": lang_k,
-            "language_trainable": lang_trainable, "trainable": task_trainable + lang_trainable}
+    return counts(ctx, task)
 
 
 def lt_sft_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path) -> ModuleInfo:
@@ -166,6 +149,5 @@ MIXED = MethodSpec(
     language_key="lt-sft",
 )
 
-#: every method this module defines, by name (the registry imports one `METHOD` per module:
-#: `lt_sft_lang_spiel_task.py` re-exports MIXED as its METHOD)
+#: every method this module defines, by name (the registry names MIXED as `.spiel:MIXED`)
 METHODS = {METHOD.name: METHOD, MIXED.name: MIXED}

@@ -374,7 +374,8 @@ def train_nas_pet_sft(
     if source_sft is not None:
         apply(task_model, load_sft(source_sft), with_dense=False)
     dataset = spec.encode(sentences, tokenizer, labels, max_length=max_length)
-    budget = resolve_k(sum(p.numel() for p in eligible_parameters(task_model).values()), k, density, "task")
+    budget = resolve_k(sum(p.numel() for p in eligible_parameters(task_model).values()), k, density, "task",
+                       config=task_model.config)
     for p in task_model.base_model.parameters():
         p.requires_grad_(False)
     if nas_args.rank is None:
