@@ -179,7 +179,7 @@ def test_torchrun_two_processes_equal_single_process(assets):
     args[args.index("--batch-size") + 1] = "4"  # 2 processes x 4 = the single run's 8
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COMPSFT_LOG_LEVEL": "INFO"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "cli.py"),
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(ROOT / "cli.py"),
                            *[str(a) for a in args]], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "mask identical on all 2 ranks" in proc.stderr
@@ -207,6 +207,15 @@ def test_torchrun_two_processes_equal_single_process(assets):
     assert common >= 0.98 * a.k
     for n in a.dense:
         assert torch.allclose(a.dense[n], b.dense[n], atol=1e-5, rtol=0), n
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one collides when two test runs share the machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _intersect(a, b):
