@@ -117,6 +117,8 @@ class MethodSpec:
     composition: str
     train_task: Callable[[MethodContext, TaskData, Path | None, int, Path], ModuleInfo]
     assemble: Callable[[MethodContext, Path, Path | None], tuple[Any, list[str]]]
+    #: before training: at least `trainable` and `stored_bytes` per target (task module + target language
+    #: module; see `per_target_totals`), plus whatever per-module counts the method wants to show
     parameter_counts: Callable[[MethodContext, str], dict[str, int]]
     train_language: Callable[[MethodContext, LanguageData, int, Path], ModuleInfo] | None = None
     #: False: the target language module is not used at assembly (task-sft-only, full-ft)
@@ -134,3 +136,14 @@ class MethodSpec:
     @property
     def has_language_module(self) -> bool:
         return self.train_language is not None
+
+
+def per_target_totals(counts: dict[str, int], bytes_per_value: int = 4) -> dict[str, int]:
+    """Add the per-target totals the harness shows (`trainable`, `stored_bytes`: the task module plus the
+    target language module) to counts given per module as `language_trainable`/`language_stored` and
+    `task_trainable`/`task_stored` (parameters, stored as `bytes_per_value`-byte values)."""
+    out = dict(counts)
+    out.setdefault("trainable", counts.get("task_trainable", 0) + counts.get("language_trainable", 0))
+    stored = counts.get("task_stored", 0) + counts.get("language_stored", 0)
+    out.setdefault("stored_bytes", stored * bytes_per_value)
+    return out

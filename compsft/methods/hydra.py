@@ -34,7 +34,7 @@ from torch import nn
 from compsft.atomic import atomic_path, write_text
 from compsft.errors import CompsftError
 
-from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
 
 WEIGHTS_NAME = "hydra.safetensors"
 CONFIG_NAME = "hydra_config.json"
@@ -391,7 +391,7 @@ def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
         n = rank * sum(i + 3 * o for i, o in layers.values())
         out[f"{kind}_trainable"] = out[f"{kind}_stored"] = n
         out[f"{kind}_rank"] = rank
-    return out
+    return per_target_totals(out)
 
 
 METHOD = MethodSpec(

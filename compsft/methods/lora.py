@@ -30,7 +30,7 @@ import torch
 from compsft.errors import CompsftError
 
 from .adapters.recipes import dir_bytes, load_vocab
-from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
 
 #: every linear layer inside the transformer layers of a BERT-family encoder (a full-match regex for peft)
 TARGET_MODULES = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -278,7 +278,7 @@ def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
         rank, _ = rank_for_k(model, kind, density)
         out[f"{kind}_trainable"] = out[f"{kind}_stored"] = rank * per_rank
         out[f"{kind}_rank"] = rank
-    return out
+    return per_target_totals(out)
 
 
 def make_method(name: str, settings: LoraSettings, description: str, composition: str) -> MethodSpec:
