@@ -113,8 +113,9 @@ def test_mask_strategies_contract():
     assert any(not torch.equal(r1[n], r3[n]) for n in r1)
     for m in (lt, r1):
         assert list(m) == ["w", "b"] and sum(v.numel() for v in m.values()) == 30
-    assert set(MASK_STRATEGIES) == {"lottery-ticket", "random", "magnitude", "prune-difference"}
+    assert set(MASK_STRATEGIES) == {"lottery-ticket", "random", "magnitude", "prune-difference", "prune-retrain"}
     assert not MASK_STRATEGIES["prune-difference"].runs_phase2
+    assert MASK_STRATEGIES["prune-retrain"].phase2_from_theta1 and MASK_STRATEGIES["prune-retrain"].runs_phase2
     assert not MASK_STRATEGIES["random"].needs_phase1
 
 
