@@ -58,3 +58,37 @@ def test_python_pipeline_example_runs_from_the_repository_root(tmp_path):
     accuracy = float(re.search(r"'accuracy': ([0-9.]+)", out.stdout).group(1))
     assert 0.0 <= accuracy <= 1.0
     assert (tmp_path / "sfts" / "pos" / "sft.safetensors").is_file()
+
+
+def _command_lines(section: str, program: str) -> list[list[str]]:
+    import shlex
+
+    lines = []
+    for block in _blocks(_section(section), "bash"):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(program + " "):
+                lines.append(shlex.split(line)[1:])
+    return lines
+
+
+def test_compare_examples_use_only_real_options_and_methods(tmp_path):
+    """Every `compsft compare` line in README names options the command has and methods that exist;
+    `--list-methods` runs as shown (the trainings themselves are run by the harness tests)."""
+    import typer
+
+    from compsft.cli import app
+    from compsft.methods import list_methods
+
+    command = typer.main.get_command(app).commands["compare"]
+    # typer vendors its own click: look at the parameters' option names, not their class
+    known = {opt for p in command.params for opt in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]}
+    lines = _command_lines("Comparing methods", "compsft")
+    assert lines and all(line[0] == "compare" for line in lines)
+    for line in lines:
+        for word in line[1:]:
+            if word.startswith("--"):
+                assert word in known, f"README: compsft compare has no option {word}"
+        if "--methods" in line:
+            for name in line[line.index("--methods") + 1].split(","):
+                assert name in list_methods(), f"README names an unknown method {name!r}"
