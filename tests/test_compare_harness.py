@@ -456,6 +456,8 @@ def test_cli_compare_and_list_methods(model_dir, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "fake-a" in result.output and "fake-c" in result.output and "wol" in result.output
+    # Not a terminal: the progress is written as lines a log keeps, one per finished cell.
+    assert "grid: 2 cells, 0 already done" in result.output and "cell 2/2 done: " in result.output
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["budget"]["name"] == "quick" and saved["test_sentences"] == {"wol": 30}
     again = CliRunner().invoke(app, args + ["--resume"])

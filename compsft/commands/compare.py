@@ -73,8 +73,8 @@ class RichReporter:
 
 
 @contextlib.contextmanager
-def rich_progress() -> Iterator[RichReporter]:
-    """A RichReporter on stderr; the libraries' INFO lines are kept out of the way while it runs (and their
+def rich_progress() -> Iterator:
+    """A RichReporter on stderr (plain lines when stderr is not a terminal); the libraries' INFO lines are kept out of the way while it runs (and their
     levels restored after: the command may run inside a larger program)."""
     import transformers
     from rich.console import Console
@@ -92,7 +92,14 @@ def rich_progress() -> Iterator[RichReporter]:
         # Load reports of task models built from an MLM checkpoint (head missing, MLM head unused) are expected.
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        with Progress(*columns, console=Console(stderr=True)) as progress:
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            # A live bar renders nothing into a log file until it stops: write lines there instead.
+            from compsft.compare.progress import LineReporter
+
+            yield LineReporter()
+            return
+        with Progress(*columns, console=console) as progress:
             yield RichReporter(progress)
     finally:
         for name, level in levels.items():

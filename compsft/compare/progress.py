@@ -76,6 +76,48 @@ class TqdmReporter:
             self._steps = None
 
 
+class LineReporter:
+    """Plain timestamped lines, for logs (nohup, CI, a batch scheduler) where a live bar shows nothing until
+    the end: one line per cell and per piece of work in flight, and one at every tenth of its steps."""
+
+    def __init__(self, stream=None) -> None:
+        import sys
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = self.done = 0
+        self.steps_total = self.steps_done = 0
+        self.description = ""
+
+    def _line(self, text: str) -> None:
+        import time
+
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.stream, flush=True)
+
+    def grid_start(self, total: int, done: int) -> None:
+        self.total, self.done = total, done
+        self._line(f"grid: {total} cells, {done} already done")
+
+    def cell_start(self, name: str) -> None:
+        self._line(f"cell {self.done + 1}/{self.total}: {name}")
+
+    def steps_start(self, description: str, total: int) -> None:
+        self.description, self.steps_total, self.steps_done = description, max(total, 1), 0
+        self._line(f"  {description}: {self.steps_total} steps")
+
+    def steps_advance(self, n: int = 1) -> None:
+        before = self.steps_done * 10 // self.steps_total
+        self.steps_done += n
+        if self.steps_done * 10 // self.steps_total > before and self.steps_done < self.steps_total:
+            self._line(f"  {self.description}: {self.steps_done}/{self.steps_total}")
+
+    def cell_end(self, name: str, summary: str) -> None:
+        self.done += 1
+        self._line(f"cell {self.done}/{self.total} done: {name}: {summary}")
+
+    def grid_end(self) -> None:
+        self._line("grid: finished")
+
+
 def step_callback(reporter: Reporter, describe):
     """A TrainerCallback that shows every Trainer's steps on the reporter's second bar; `describe()` names
     the module being trained (read at the start of each training run, i.e. of each phase)."""
