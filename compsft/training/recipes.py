@@ -119,7 +119,9 @@ def train_language_sft(
     set_seed(seed)
     texts = list(text) or corpus_files(code)
     shipped_eval = eval_files(code) if language is not None else []
-    corpus = load_mlm_corpus(texts, exclude=[*shipped_eval, *exclude], max_lines=max_lines)
+    # One entry per file: the catalogue and the caller often name the same evaluation file.
+    excluded = list(dict.fromkeys(str(p) for p in [*shipped_eval, *exclude]))
+    corpus = load_mlm_corpus(texts, exclude=excluded, max_lines=max_lines)
     if len(corpus) == 0:
         raise CompsftError(f"no MLM text left in {', '.join(map(str, texts))}")
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -150,7 +152,7 @@ def train_language_sft(
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
                           cpu=cpu, quiet=quiet)
     training = {"corpus": corpus.stats.as_dict(), "text": [str(t) for t in texts],
-                "excluded": [str(p) for p in [*shipped_eval, *exclude]],
+                "excluded": excluded,
                 "vocabulary_fallback": fallback.as_dict() if fallback is not None else None,
                 "max_length": max_length, "mlm_probability": mlm_probability, "static_masking": static_masking}
     if head_record:
