@@ -166,7 +166,7 @@ def _labels_next_to(path: str | os.PathLike) -> list[str] | None:
     try:
         id2label = json.loads(config_file.read_text(encoding="utf-8")).get("id2label") or {}
         labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-    except (ValueError, AttributeError, TypeError, KeyError) as err:
+    except (ValueError, AttributeError, TypeError, KeyError, RecursionError) as err:
         raise CompsftError(f"{config_file}: unreadable id2label ({err})") from None
     if not labels or all(label.startswith("LABEL_") for label in labels):
         return None

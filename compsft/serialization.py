@@ -28,6 +28,7 @@ from safetensors.torch import save as save_bytes
 from . import encoding, schema
 from .atomic import atomic_path
 from .errors import CompsftError
+from .jsonfile import read_json_object
 from .sft import FORMAT_VERSION, SftConfig, SparseDelta, SparseFineTuning, index_dtype
 
 logger = logging.getLogger(__name__)
@@ -136,14 +137,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 def read_config(directory: str | os.PathLike) -> SftConfig:
     """Read and validate `sft_config.json` alone (cheap: `compsft info` uses it)."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise CompsftError(f"{directory}: not an SFT directory (no {CONFIG_NAME})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise CompsftError(f"{path}: not valid JSON ({str(err)[:200]})") from None
-    if not isinstance(data, dict):
-        raise CompsftError(f"{path}: expected a JSON object")
+    data = read_json_object(path, f"{directory}: not an SFT directory (no {CONFIG_NAME})")
     if data.get("format_version") != FORMAT_VERSION:
         raise CompsftError(
             f"{path}: unknown format_version {data.get('format_version')!r} (this compsft reads {FORMAT_VERSION})"

@@ -181,8 +181,8 @@ class BiaffineParser(nn.Module):
         try:
             data = json.loads(config_path.read_text(encoding="utf-8"))
             config = ParserConfig(**data)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise CompsftError(f"{config_path}: invalid parser config ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, RecursionError) as err:
+            raise CompsftError(f"{config_path}: invalid parser config ({str(err)[:200]})") from None
         model = cls(load_encoder(directory), config)
         head_path = directory / HEAD_FILE
         if not head_path.is_file():

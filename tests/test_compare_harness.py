@@ -406,6 +406,7 @@ def test_targets_file_json_and_toml(model_dir, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
+    ("[" * 100_000, "not valid JSON"),  # nesting deep enough to exhaust json's recursion
     ('["wol"]', "expected a table with 'targets'"),
     ('{"targets": []}', "targets: expected a non-empty list"),
     ('{"targets": ["wol"], "extra": 1}', "extra: unknown field"),

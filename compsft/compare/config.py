@@ -265,11 +265,11 @@ def _read_table(path: Path) -> Any:
 
         try:
             return tomllib.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as err:
             raise CompsftError(f"{path}: not valid TOML: {err}") from None
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CompsftError(f"{path}: not valid JSON ({err}); use .toml for TOML") from None
 
 

@@ -52,7 +52,7 @@ def check_grid_file(grid: Grid, resume: bool) -> None:
                                "or choose another --out")
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise CompsftError(f"{path}: unreadable grid file ({err})") from None
         if not isinstance(old, dict):
             raise CompsftError(f"{path}: not a grid file")
@@ -93,7 +93,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON file the harness wrote, or None if it is not there (or not readable: it is then redone)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

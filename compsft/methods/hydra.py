@@ -33,6 +33,7 @@ from torch import nn
 
 from compsft.atomic import atomic_path, write_text
 from compsft.errors import CompsftError
+from compsft.jsonfile import read_json_object
 
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
 
@@ -69,14 +70,7 @@ class HydraConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "HydraConfig":
-        if not path.is_file():
-            raise CompsftError(f"{path}: not found (is {path.parent} a Hydra module?)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CompsftError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CompsftError(f"{path}: expected a JSON object")
+        data = read_json_object(path, f"{path}: not found (is {path.parent} a Hydra module?)")
         names = {f.name for f in dataclasses.fields(cls)}
         for key in ("kind", "rank", "layers"):
             if key not in data:

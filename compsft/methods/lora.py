@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from compsft.errors import CompsftError
+from compsft.jsonfile import read_json_object
 
 from .adapters.recipes import dir_bytes, load_vocab
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
@@ -103,14 +104,7 @@ def _save(out: Path, peft_model, side: dict, head: dict | None = None) -> None:
 
 def read_side_config(directory: Path, kind: str) -> dict:
     path = Path(directory) / SIDE_CONFIG
-    if not path.is_file():
-        raise CompsftError(f"{path}: not found (is {directory} a LoRA module?)")
-    try:
-        side = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompsftError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(side, dict):
-        raise CompsftError(f"{path}: expected a JSON object")
+    side = read_json_object(path, f"{path}: not found (is {directory} a LoRA module?)")
     if side.get("kind") != kind:
         raise CompsftError(f"{path}: field 'kind' is {side.get('kind')!r}, expected {kind!r}")
     if kind == "task" and (not isinstance(side.get("labels"), list) or not side["labels"]

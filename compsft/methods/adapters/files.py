@@ -22,6 +22,7 @@ import torch
 
 from compsft.atomic import atomic_path, write_text
 from compsft.errors import CompsftError
+from compsft.jsonfile import read_json_object
 
 WEIGHTS_NAME = "adapter.safetensors"
 HEAD_NAME = "head.safetensors"
@@ -167,12 +168,7 @@ def save_adapter_files(directory: str | os.PathLike, config: AdapterConfig, tens
 
 def load_adapter_config(directory: str | os.PathLike) -> AdapterConfig:
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise CompsftError(f"{path}: not found (is {directory} an adapter directory?)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompsftError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_object(path, f"{path}: not found (is {directory} an adapter directory?)")
     return AdapterConfig.from_dict(data, source=str(path))
 
 
