@@ -187,3 +187,27 @@ def test_methods_through_the_four_calls(assets, tmp_path):
     assert sft.config.training["stages"]["search"]["steps"] == 3 and len(info.extra["prune_history"]) == 3
     model, labels = METHOD.assemble(ctx, tmp_path / "task", assets["root"] / "lang")
     assert labels == sft.config.training["labels"] and len(applied(model)) == 1
+
+
+def test_compare_draws_which_units_survived(tmp_path):
+    """A NAS-PET method's cells give survivors-METHOD.png: the share of each layer's entries that survived,
+    averaged over the method's task modules (a module shared by several targets counts once)."""
+    from compsft.compare.plot import survivor_shares, write_survivor_plot
+
+    _, space = tiny_space()
+    with torch.no_grad():
+        space.parts[QUERY].mask_a[2:] = 0
+        space.parts[QUERY].mask_b[:, 2:] = 0
+        space.parts[OUT_BIAS].mask.zero_()
+    half = space.survivors()
+    full = tiny_space()[1].survivors()
+    cell = lambda d, s, target: {"method": "nas-pet-structured", "target": target,  # noqa: E731
+                                 "modules": {"task": {"dir": d, "extra": {"survivors": s}}}}
+    cells = [cell("seed42", half, "wol"), cell("seed42", half, "mlt"), cell("seed43", full, "wol"),
+             {"method": "lt-sft", "modules": {"task": {"dir": "x", "extra": {}}}}]
+    shares = survivor_shares(cells, "nas-pet-structured")
+    assert shares["bert.encoder.layer.*.attention.self.query.weight"]["0"] == 0.75  # (0.5 + 1) / 2
+    assert shares["bert.encoder.layer.*.attention.output.dense.bias"] == {"0": 1.0, "1": 0.5}
+    assert survivor_shares(cells, "lt-sft") == {}
+    write_survivor_plot(tmp_path / "s.png", shares, "test")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

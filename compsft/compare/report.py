@@ -105,12 +105,17 @@ def _overhead(cells: Sequence[dict]) -> dict[str, Any]:
 def write_outputs(out: Path, results: dict[str, Any]) -> None:
     from compsft.atomic import write_text
 
-    from .plot import write_plot
+    from .plot import survivor_shares, write_plot, write_survivor_plot
 
     write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
     write_text(out / "results.csv", results_csv(results))
     write_text(out / "results.md", results_markdown(results))
     write_plot(out / "plot.png", results)
+    for method in results["methods"]:
+        shares = survivor_shares(results["cells"], method)
+        if shares:
+            write_survivor_plot(out / f"survivors-{method}.png", shares,
+                                f"{method}: surviving entries by tensor and layer (mean over seeds)")
 
 
 CSV_COLUMNS = ["method", "target", "seed", "status", "metric", "score", "score_dev_selected", "trainable",
