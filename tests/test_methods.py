@@ -104,10 +104,9 @@ def test_registry():
 
 # Methods with their own test files, which drive them through the same four calls (train_language,
 # train_task, assemble, parameter_counts): the adapter family writes adapter files, not SFTs
-# (tests/test_adapters.py); SpIEL and NAS-PET have no source-dev selection yet (tests/test_spiel.py,
-# tests/test_nas_pet.py).
+# (tests/test_adapters.py); NAS-PET has no source-dev selection yet (tests/test_nas_pet.py).
 OWN_TESTS = {"mad-x", "mad-x-rf16", "mad-x-2.0", "lora", "shira", "hydra", "mosa",
-             "spiel", "lt-sft-lang+spiel-task", "nas-pet-structured", "nas-pet-unstructured"}
+             "nas-pet-structured", "nas-pet-unstructured"}
 
 
 @pytest.mark.parametrize("name", [n for n in list_methods() if n not in OWN_TESTS])

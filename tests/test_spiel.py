@@ -279,3 +279,57 @@ def test_spiel_methods_through_the_four_calls(trained, tmp_path):
     finally:
         unregister_method("lt-sft")
     assert len(calls) == 1
+
+
+# -- source-dev model selection ---------------------------------------------------------------------
+class Snapshots(TrainerCallback):
+    def __init__(self):
+        self.at = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from compsft.training.spiel import spiel_snapshot
+
+        self.at[state.global_step] = spiel_snapshot(model)
+
+
+def test_dev_selection_keeps_positions_and_values_of_the_best_check(tmp_path):
+    """The support moves between checks, so the selected SFT must be the snapshot's positions *and*
+    values at the best check, not the final positions with old values."""
+    from compsft.training.dev_selection import DevSelection
+    from compsft.training.spiel import INDICES, spiel_snapshot
+
+    scores = iter([0.2, 0.9, 0.1])
+    selection = DevSelection(lambda model: next(scores), checks=3, snapshot=spiel_snapshot)
+    torch.manual_seed(0)
+    model = BertForTokenClassification(tiny_config(num_labels=3))
+    tuner = SpielTuner(model=model, args=training_args(tmp_path, learning_rate=5e-2), train_dataset=ToyTagging(),
+                       sft_args=SftArguments(sft_kind="task", k=300, sparse_ft_max_epochs=None, sparse_ft_max_steps=9),
+                       spiel_args=SpielArguments(reselection_steps=2, accumulation_steps=1, reselection_rate=0.5))
+    snaps = Snapshots()
+    tuner.add_callback(selection)
+    tuner.add_callback(snaps)
+    tuner.train()
+    assert [s for s, _ in selection.history] == [3, 6, 9] and selection.best_step == 6
+    chosen = tuner.sft_from_snapshot(selection.best, selection.summary())
+    at6 = snaps.at[6]
+    for name, delta in chosen.diffs.items():
+        assert torch.equal(delta.indices.long(), at6[INDICES + name])
+        assert torch.equal(delta.values, at6["values:" + name].float())
+    assert chosen.k == 300 and chosen.config.training["dev_selected"]["step"] == 6
+    assert torch.equal(chosen.dense["classifier.weight"], at6["classifier.weight"])
+    # The support did move after step 6, so positions from the end would have been wrong.
+    final = tuner.sft
+    assert any(not torch.equal(final.diffs[n].indices.long(), at6[INDICES + n]) for n in final.diffs if n in chosen.diffs)
+
+
+def test_spiel_task_module_writes_the_dev_selected_sft(trained, tmp_path):
+    from compsft.methods.base import DEV_SELECTED, MethodContext, TaskData
+    from compsft.methods.spiel import METHOD
+
+    ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget(task_steps=3, dev_checks=2, dev_sentences=8))
+    data = TaskData("pos", trained["train"], dev=trained["train"])
+    info = METHOD.train_task(ctx, data, trained["root"] / "lang", 0, tmp_path / "task")
+    selected = compsft.load(tmp_path / "task" / DEV_SELECTED)
+    assert info.extra["dev_selected"]["of_steps"] == 6 and len(info.extra["dev_selected"]["checks"]) == 2
+    assert selected.k == compsft.load(tmp_path / "task").k
+    assert selected.config.training["dev_selected"] == info.extra["dev_selected"]

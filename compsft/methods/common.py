@@ -99,8 +99,9 @@ def check_dev_data(ctx: MethodContext, data: TaskData) -> bool:
     return True
 
 
-def dev_selection(ctx: MethodContext, data: TaskData, work: Path, *, sparse: bool):
-    """The source-dev `DevSelection` callback for a task module, or None when the budget has no checks."""
+def dev_selection(ctx: MethodContext, data: TaskData, work: Path, *, sparse: bool, snapshot=None):
+    """The source-dev `DevSelection` callback for a task module, or None when the budget has no checks.
+    `sparse`: active only in phase 2 (values attached); `snapshot`: what to keep (default: trainable tensors)."""
     b = ctx.budget
     if not check_dev_data(ctx, data):
         return None
@@ -119,7 +120,7 @@ def dev_selection(ctx: MethodContext, data: TaskData, work: Path, *, sparse: boo
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
     score = dev_scorer(spec, tokenizer, sentences, metric=metric, max_length=b.task_max_length)
     return DevSelection(score, b.dev_checks, active=has_sparse_values if sparse else None,
-                        state_file=work / "dev-selection.safetensors", metric=metric)
+                        state_file=work / "dev-selection.safetensors", metric=metric, snapshot=snapshot)
 
 
 # -- sizes -------------------------------------------------------------------------------------------

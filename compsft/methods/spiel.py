@@ -11,8 +11,9 @@ methods) with a SpIEL task SFT trained on top of the source LT-SFT language SFT.
 Composition, as LT-SFT's: both are ordinary SFTs, θ0 + φ_L(target) + φ_T by `compsft.apply`, the
 MLM head never, the task head from φ_T.
 
-Not yet: source-dev model selection (`budget.dev_checks`): the support moves during training, so
-the selected state would be indices and values, which compsft's `DevSelection` does not keep yet.
+Model selection on source dev data (`budget.dev_checks`): task modules score the dev set that many times
+over their one phase and write the state at the best check into ``dev-selected`` — each tensor's active
+positions *and* values (`spiel_snapshot`), since the support moves between checks.
 """
 from __future__ import annotations
 
@@ -83,16 +84,29 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path)
 def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, seed: int, out: Path) -> ModuleInfo:
     """A SpIEL task SFT on the source data with the source language module applied, written to `out`."""
     from ..atomic import atomic_path
-    from ..training.spiel import train_spiel_sft
+    from ..training.spiel import spiel_snapshot, train_spiel_sft
+    from .base import DEV_SELECTED
+    from .common import dev_selection
 
     b = ctx.budget
+    common = _common(ctx, seed, out)
+    # One phase, so selection is active throughout (not only when phase-2 values are attached).
+    selection = dev_selection(ctx, data, common["work_dir"], sparse=False, snapshot=spiel_snapshot)
+    if selection is not None:
+        common["callbacks"].append(selection)
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
         tuner = train_spiel_sft("task", data.task, ctx.model_dir, data.train, tmp, source_sft=source_module,
                                 density=b.task_density, steps=task_steps(ctx), lr=b.task_lr,
                                 batch_size=b.task_batch, max_length=b.task_max_length,
-                                max_sentences=b.train_sentences, **_common(ctx, seed, out))
-    return _info(tuner, out, t0)
+                                max_sentences=b.train_sentences, **common)
+        selected = selection.summary() if selection is not None and selection.best is not None else None
+        if selected:
+            tuner.sft_from_snapshot(selection.best, selected).save(tmp / DEV_SELECTED)
+    info = _info(tuner, out, t0)
+    if selected:
+        info.extra["dev_selected"] = selected
+    return info
 
 
 def assemble(ctx: MethodContext, task_module: Path, language_module: Path | None) -> tuple:

@@ -92,12 +92,18 @@ def dev_scorer(spec, tokenizer, sentences: Sequence, labels: Sequence[str] | Non
     return score
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the tensors being trained (phase 2: the values vectors and the heads)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
 class DevSelection(TrainerCallback):
     """Score the model on dev data `checks` times in the active phase and keep the best trainable state."""
 
     def __init__(self, score: Callable[[torch.nn.Module], float], checks: int, *,
                  active: Callable[[torch.nn.Module], bool] | None = None, state_file: str | Path | None = None,
-                 metric: str = "score") -> None:
+                 metric: str = "score",
+                 snapshot: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None) -> None:
         if checks < 0:
             raise CompsftError(f"dev checks must be >= 0, got {checks}")
         self.score = score
@@ -105,6 +111,8 @@ class DevSelection(TrainerCallback):
         self.active = active or (lambda model: True)
         self.state_file = Path(state_file) if state_file else None
         self.metric = metric
+        # What is kept at the best check: by default the trainable tensors; SpIEL also needs the positions.
+        self.snapshot = snapshot or trainable_state
         self.best: dict[str, torch.Tensor] | None = None
         self.best_step: int | None = None
         self.best_score: float | None = None
@@ -150,7 +158,7 @@ class DevSelection(TrainerCallback):
         logger.info("dev %s at step %d: %.4f", self.metric, state.global_step, value)
         if self.best_score is None or value > self.best_score:
             self.best_step, self.best_score = state.global_step, value
-            self.best = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+            self.best = self.snapshot(model)
             self._save_best()
         self._save_history()
 

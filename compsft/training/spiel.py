@@ -45,6 +45,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
 from ..errors import CompsftError
+from ..sft import SparseDelta, SparseFineTuning, index_dtype
 from .masks import random_mask
 from .selection import select_top_k
 from .trainer import HEADS_FILE, SparseFineTuner
@@ -250,6 +251,24 @@ def _all_reduce_mean(tensors) -> None:
         t.div_(world)
 
 
+#: key prefixes of a SpIEL snapshot (`spiel_snapshot`): each tensor's active positions and their Δ
+INDICES, VALUES = "indices:", "values:"
+
+
+def spiel_snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """What source-dev selection keeps of a SpIEL model: each tensor's active positions and Δ values (the
+    support moves, so the values vector alone could not be put back where it was) and the trainable heads."""
+    store = getattr(model, SpielStore.ATTR, None)
+    if not isinstance(store, SpielStore):
+        raise CompsftError("not a model in SpIEL training (no SpIEL store attached)")
+    masks, values = store.masks_and_values()
+    out = {f"{INDICES}{n}": m for n, m in masks.items()}
+    out.update({f"{VALUES}{n}": v.detach().to("cpu", copy=True) for n, v in values.items()})
+    out.update({n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                if p.requires_grad and not n.startswith(SpielStore.ATTR + ".")})
+    return out
+
+
 class _SpielCallback(TrainerCallback):
     """Turns accumulation on before the steps that feed a reselection, and reselects after step R·j."""
 
@@ -324,6 +343,33 @@ class SpielTuner(SparseFineTuner):
             "reselections": self.reselections,
         })
         return out
+
+    def sft_from_snapshot(self, snapshot: Mapping[str, Tensor], summary: dict | None = None):
+        """The SFT of a `spiel_snapshot` taken during training (source-dev selection), with this run's
+        settings and base fingerprint; call after `train()`."""
+        import dataclasses
+
+        if self.sft is None:
+            raise CompsftError("no SFT yet: call train() first")
+        diffs = {}
+        for key, idx in snapshot.items():
+            if not key.startswith(INDICES) or idx.numel() == 0:
+                continue
+            name = key[len(INDICES):]
+            if name not in self._theta0 or VALUES + name not in snapshot:
+                raise CompsftError(f"SpIEL snapshot: no eligible tensor or values for {name!r}")
+            shape = tuple(self._theta0[name].shape)
+            diffs[name] = SparseDelta(shape, idx.to(index_dtype(math.prod(shape))).cpu(),
+                                      snapshot[VALUES + name].detach().float().cpu())
+        dense = {n: snapshot[n].detach().cpu() if n in snapshot else t for n, t in self.sft.dense.items()}
+        tensors = self._base_fingerprint["tensors"]
+        config = dataclasses.replace(
+            self.sft.config,
+            base_fingerprint={**self._base_fingerprint, "tensors": {n: v for n, v in tensors.items() if n in diffs}},
+            training={**self.sft.config.training, "dev_selected": summary or {}})
+        sft = SparseFineTuning(diffs, dense, config)
+        sft.validate()
+        return sft
 
     def reselect(self, step: int, total_steps: int, optimizer=None) -> dict:
         """One drop-and-grow at `step` (called by the callback); returns what moved."""
