@@ -104,9 +104,13 @@ def test_registry():
 
 # Methods with their own test files, which drive them through the same four calls (train_language,
 # train_task, assemble, parameter_counts): the adapter family writes adapter files, not SFTs
-# (tests/test_adapters.py); NAS-PET has no source-dev selection yet (tests/test_nas_pet.py).
-OWN_TESTS = {"mad-x", "mad-x-rf16", "mad-x-2.0", "lora", "shira", "hydra", "mosa",
-             "nas-pet-structured", "nas-pet-unstructured"}
+# (tests/test_adapters.py).
+OWN_TESTS = {"mad-x", "mad-x-rf16", "mad-x-2.0", "lora", "shira", "hydra", "mosa"}
+# Structured pruning removes whole units (rank-1 components, bias vectors): it ends at most K, not exactly K.
+PRUNED_TO_AT_MOST_K = {"nas-pet-structured"}
+# A merged PET stores ΔW = B·A, dense in every matrix with a surviving component: its size is known only
+# after the search (the table reports the measured bytes).
+MERGED_DIFFERENCE = {"nas-pet-structured", "nas-pet-unstructured"}
 
 
 @pytest.mark.parametrize("name", [n for n in list_methods() if n not in OWN_TESTS])
@@ -122,8 +126,12 @@ def test_method_trains_assembles_evaluates(world, name):
     # Counted before training = what training gives (K of the SFTs, every parameter for full-ft).
     if "task_k" in counts:
         assert counts["task_k"] == info.extra["k"]
-        assert counts["task_trainable"] == info.trainable
-        assert 0.5 < counts["task_stored_bytes"] / info.stored_bytes < 1.5
+        if name in PRUNED_TO_AT_MOST_K:
+            assert counts["task_trainable"] - info.extra["k"] < info.trainable <= counts["task_trainable"]
+        else:
+            assert counts["task_trainable"] == info.trainable
+        if name not in MERGED_DIFFERENCE:
+            assert 0.5 < counts["task_stored_bytes"] / info.stored_bytes < 1.5
     else:
         assert counts["trainable"] == info.trainable
     assert counts["trainable"] > 0 and counts["stored_bytes"] > 0

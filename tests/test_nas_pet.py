@@ -211,3 +211,25 @@ def test_compare_draws_which_units_survived(tmp_path):
     assert survivor_shares(cells, "lt-sft") == {}
     write_survivor_plot(tmp_path / "s.png", shares, "test")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dev_selection_merges_the_best_retraining_state_and_keeps_the_final_one(assets):
+    """The selected SFT is the PET at the best check (here the first); the fixed-budget SFT is still the
+    final state (restoring the best state for merging must not leak into it)."""
+    from compsft.training.dev_selection import DevSelection
+
+    scores = iter([0.9, 0.1])
+    selection = DevSelection(lambda model: next(scores), checks=2)
+    out = assets["root"] / "task-selected"
+    res = train_nas_pet_sft("pos", assets["model"], assets["train"], out, source_sft=assets["root"] / "lang",
+                            k=1500, nas_args=NasPetArguments(structured=False, rank=4, rounds=2, score_steps=2),
+                            search=(None, 4, 4), retrain=(None, 4, 4), max_sentences=24, max_length=32, cpu=True,
+                            selection=selection, lr=1e-2)
+    assert selection.best_step == 2 and res.selected.config.training["dev_selected"]["step"] == 2
+    head = "classifier.weight"
+    assert torch.equal(res.selected.dense[head], selection.best[head])
+    final = compsft.load(out)
+    assert not torch.equal(final.dense[head], res.selected.dense[head])
+    assert torch.equal(final.dense[head], res.sft.dense[head])
+    assert any(not torch.equal(final.diffs[n].values, res.selected.diffs[n].values)
+               for n in final.diffs if n in res.selected.diffs)

@@ -19,7 +19,8 @@ the task head from the task module.
 
 PET parameters train at `PET_LR_SCALE` times the budget's task learning rate (LoRA and BitFit are
 trained with learning rates around 1e-4 to 1e-3, full fine-tuning and SFTs around 5e-5).
-Not yet: source-dev model selection (`budget.dev_checks`).
+Model selection on source dev data (`budget.dev_checks`): checks during the retraining (the architecture
+is fixed then), the best state merged into ``dev-selected`` like the final one.
 """
 from __future__ import annotations
 
@@ -51,9 +52,13 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
     """Search, prune to K, retrain; the merged PET written to `out` as a task SFT."""
     from ..atomic import atomic_path
     from ..training.nas_pet import NasPetArguments, train_nas_pet_sft
+    from .base import DEV_SELECTED
+    from .common import dev_selection, work_dir
 
     b = ctx.budget
     search, retrain = task_phases(ctx)
+    work = Path(ctx.work_dir) if ctx.work_dir else None
+    selection = dev_selection(ctx, data, work or work_dir(ctx, out), sparse=False)
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
         res = train_nas_pet_sft(data.task, ctx.model_dir, data.train, tmp, source_sft=source_module,
@@ -61,18 +66,23 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
                                 nas_args=NasPetArguments(structured=structured, rounds=ROUNDS),
                                 lr=b.task_lr * PET_LR_SCALE, batch_size=b.task_batch,
                                 max_length=b.task_max_length, max_sentences=b.train_sentences, seed=seed,
-                                cpu=ctx.device == "cpu", callbacks=list(ctx.callbacks),
-                                work_dir=Path(ctx.work_dir) if ctx.work_dir else None)
+                                cpu=ctx.device == "cpu", callbacks=list(ctx.callbacks), work_dir=work,
+                                selection=selection)
+        if res.selected is not None:
+            res.selected.save(tmp / DEV_SELECTED)
     head = sum(t.numel() for t in res.sft.dense.values())
     return ModuleInfo(trainable=res.trainable + head, stored_bytes=module_bytes(out),
                       seconds=round(time.perf_counter() - t0, 2),
-                      extra={"budget": res.budget, "space": res.space, "merged_k": res.sft.k,
+                      extra={"k": res.budget, "budget": res.budget, "space": res.space, "merged_k": res.sft.k,
                              "rank": res.sft.config.training["nas_pet"]["rank"],
-                             "prune_history": res.history, "survivors": res.survivors})
+                             "prune_history": res.history, "survivors": res.survivors,
+                             **({"dev_selected": selection.summary()} if res.selected is not None else {})})
 
 
 def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
-    """Trainable entries before training: at most K PET entries plus the head; the language side is LT-SFT's."""
+    """Trainable entries before training: at most K PET entries plus the head; the language side is LT-SFT's.
+    The stored bytes given here are those of K entries; the merged difference (ΔW = s·BA, dense in each matrix
+    with a surviving component) is usually larger, and is measured after training (`ModuleInfo.stored_bytes`)."""
     from .spiel import parameter_counts as sft_counts
 
     return sft_counts(ctx, task)

@@ -168,14 +168,17 @@ class DevSelection(TrainerCallback):
         return {"metric": self.metric, "step": self.best_step, "score": self.best_score,
                 "of_steps": self._max_steps, "checks": [[s, round(v, 6)] for s, v in self.history]}
 
-    def restore_into(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Copy the best state into `model`'s parameters of the same names; returns the replaced values."""
-        if self.best is None:
+    def restore_into(self, model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Copy the best state (or `state`, e.g. what an earlier call returned) into `model`'s parameters
+        of the same names; returns the replaced values."""
+        state = self.best if state is None else state
+        if state is None:
             raise CompsftError("no dev-selected state: no check ran")
         params = dict(model.named_parameters())
         previous = {}
         with torch.no_grad():
-            for name, value in self.best.items():
+            for name, value in state.items():
                 if name not in params:
                     raise CompsftError(f"dev-selected state names {name!r}, which the model lacks")
                 previous[name] = params[name].detach().clone()

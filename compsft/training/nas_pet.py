@@ -338,6 +338,7 @@ def train_nas_pet_sft(
     work_dir: str | Path | None = None,
     cpu: bool = False,
     callbacks: list | None = None,
+    selection=None,
 ) -> "NasPetResult":
     """Search a PET architecture of at most K trainable entries on a task, retrain it, save it as an SFT.
 
@@ -349,12 +350,14 @@ def train_nas_pet_sft(
                                             nas_args=NasPetArguments(structured=False), search=(None, 200, 200))
 
     `search` and `retrain` are (max_epochs, min_steps, max_steps), as the LT-SFT recipes' phases.
+    `selection`, a `DevSelection`, scores the retraining on source dev data; the PET at its best check
+    is merged as well and returned as `NasPetResult.selected`.
     """
     from transformers import AutoTokenizer, Trainer, set_seed
 
     from ..merge import apply, base_fingerprint
     from ..serialization import load_sft
-    from ..sft import SftConfig, SparseDelta, SparseFineTuning, index_dtype
+    from ..sft import SftConfig, SparseFineTuning
     from ..tasks import get_task, resolve_data
     from .arguments import SftArguments
     from .params import eligible_parameters, head_parameters, resolve_k
@@ -406,6 +409,8 @@ def train_nas_pet_sft(
         args.max_steps = steps
         set_seed(seed + (stage == "retrain"))
         extra = [PruneCallback(space, schedule, nas_args.score_steps)] if stage == "search" else []
+        if stage == "retrain" and selection is not None:
+            extra.append(selection)  # the architecture is fixed from here on: select among its states
         trainer = Trainer(model=task_model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=[*(callbacks or []), *extra])
         result = trainer.train()
@@ -413,12 +418,14 @@ def train_nas_pet_sft(
                           "trainable": space.trainable()}
     deltas = space.deltas()
     survivors = space.survivors()
+    chosen = None
+    if selection is not None and selection.best is not None:
+        # The best check's PET and heads, merged the same way; then the final state back in place.
+        previous = selection.restore_into(task_model)
+        chosen = (space.deltas(), {n: p.detach().cpu().clone() for n, p in heads.items()})
+        selection.restore_into(task_model, previous)
     space.detach()
-    diffs = {}
-    for name, d in deltas.items():
-        flat = d.reshape(-1)
-        idx = (flat != 0).nonzero().squeeze(1)
-        diffs[name] = SparseDelta(tuple(d.shape), idx.to(index_dtype(flat.numel())).cpu(), flat[idx].float().cpu())
+    diffs = _sparse(deltas)
     fingerprint = base_fingerprint(task_model, list(diffs))
     method = "nas-pet-" + ("structured" if nas_args.structured else "unstructured")
     config = SftConfig(kind="task", task=task, base_model=str(model), vocab=_vocab(tokenizer),
@@ -431,10 +438,29 @@ def train_nas_pet_sft(
                                  "survivors": survivors})
     sft = SparseFineTuning(diffs, {n: p.detach().cpu().clone() for n, p in heads.items()}, config)
     sft.validate()
+    selected = None
+    if chosen is not None:
+        picked = _sparse(chosen[0])
+        selected = SparseFineTuning(picked, chosen[1], replace(
+            config, base_fingerprint=base_fingerprint(task_model, list(picked)),
+            training={**config.training, "dev_selected": selection.summary()}))
+        selected.validate()
     if int(os.environ.get("RANK", "0")) == 0:
         sft.save(out)
     return NasPetResult(sft=sft, trainable=space.trainable(), budget=budget, space=size, survivors=survivors,
-                        history=list(space.history))
+                        history=list(space.history), selected=selected)
+
+
+def _sparse(deltas: dict[str, Tensor]) -> dict:
+    """The non-zero entries of each merged difference, as SFT deltas."""
+    from ..sft import SparseDelta, index_dtype
+
+    diffs = {}
+    for name, d in deltas.items():
+        flat = d.reshape(-1)
+        idx = (flat != 0).nonzero().squeeze(1)
+        diffs[name] = SparseDelta(tuple(d.shape), idx.to(index_dtype(flat.numel())).cpu(), flat[idx].float().cpu())
+    return diffs
 
 
 @dataclass
@@ -447,3 +473,4 @@ class NasPetResult:
     space: int
     survivors: dict
     history: list
+    selected: object = None  # the SFT at the best source-dev check of the retraining, if one was asked for
