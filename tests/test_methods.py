@@ -104,9 +104,9 @@ def test_registry():
 
 # Methods with their own test files, which drive them through the same four calls (train_language,
 # train_task, assemble, parameter_counts): the adapter family writes adapter files, not SFTs
-# (tests/test_adapters.py); SpIEL and NAS-PET have no source-dev selection yet (tests/test_spiel.py,
-# tests/test_nas_pet.py).
-OWN_TESTS = {"mad-x", "mad-x-rf16", "mad-x-2.0", "lora", "shira", "hydra", "mosa",
+# (tests/test_adapters.py; SPA's adapters and channel masks: tests/test_spa.py); SpIEL and NAS-PET have no
+# source-dev selection yet (tests/test_spiel.py, tests/test_nas_pet.py).
+OWN_TESTS = {"mad-x", "mad-x-rf16", "mad-x-2.0", "lora", "shira", "hydra", "mosa", "spa", "spa-d75", "spa-d25",
              "spiel", "lt-sft-lang+spiel-task", "nas-pet-structured", "nas-pet-unstructured"}
 
 
