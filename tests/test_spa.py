@@ -221,7 +221,8 @@ def test_malformed_tensors_name_file_and_tensor(tmp_path):
     a = "bert.encoder.layer.1.intermediate.dense.A"
     keep = "bert.encoder.layer.0.attention.self.keep"
     cases = [({**good, a: good[a][:, :-1].contiguous()}, rf"spa\.safetensors: tensor '{a}' has shape"),
-             ({**good, keep: torch.ones(HEADS, dtype=torch.bool)}, rf"spa\.safetensors: mask '{keep}' keeps 4.*density"),
+             ({**good, keep: torch.ones(HEADS, dtype=torch.bool)},
+              rf"spa\.safetensors: mask '{keep}' keeps 4.*density"),
              ({**good, keep: good[keep].float()}, rf"spa\.safetensors: mask '{keep}' must hold 0/1"),
              ({k: v for k, v in good.items() if k != keep}, rf"spa\.safetensors: tensor '{keep}' is missing"),
              ({**good, a: good[a] * float("nan")}, rf"spa\.safetensors: tensor '{a}' must hold finite")]
@@ -323,7 +324,8 @@ def test_counts_are_what_training_gives(trained):
     for name, (out, info, _) in trained["tasks"].items():
         config, _, head = L.load(out)
         assert info.trainable == counts[name]["task_trainable"] + sum(t.numel() for t in head.values())
-        assert counts[name]["task_kept_units"] == sum(L.keep_count(VARIANTS[name], u) for u, _ in config.groups.values())
+        kept = sum(L.keep_count(VARIANTS[name], u) for u, _ in config.groups.values())
+        assert counts[name]["task_kept_units"] == kept
         stored = sum(t.numel() * t.element_size() for d in (out, trained["root"] / "lang-wol")
                      for t in load_file(str(d / L.WEIGHTS_NAME)).values())
         assert counts[name]["stored_bytes"] == stored  # fp32 adapters + one byte per mask unit

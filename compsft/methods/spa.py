@@ -67,7 +67,7 @@ class SpaSettings:
     density: float = 0.5
     events: int = 4
     end_fraction: float = 2 / 3
-    lang_lr: float = 2e-4
+    lang_lr: float = 2e-4  # hydra's and LoRA's: low-rank adapters alike
     task_lr: float = 2e-4
 
 
@@ -182,7 +182,8 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
                        "final_loss": final_loss(trainer)}
     write = lambda d: save(d, config, bank, head={n: params[n] for n in head_names})  # noqa: E731
     write(out)
-    extra = {"rank": rank, "k": k, "steps": steps, "density": bank.density(), "final_loss": config.training["final_loss"]}
+    extra = {"rank": rank, "k": k, "steps": steps, "density": bank.density(),
+             "final_loss": config.training["final_loss"]}
     if selection is not None and (chosen := selection.save(out, write)):
         extra["dev_selected"] = chosen
     return _info(out, trainable, started, extra)
@@ -191,6 +192,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
 def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> tuple[Any, list[str]]:
     """θ0 + the target language adapter + the task adapter, merged, then the task's masks (module docstring)."""
     from compsft.tasks import get_task
+    from compsft.vocab import require_same_vocab
 
     from .adapters.recipes import load_head, load_vocab
 
@@ -199,8 +201,6 @@ def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> t
     if config.kind != "task":
         raise CompsftError(f"{task_dir / CONFIG_NAME}: field 'kind' is {config.kind!r}, expected 'task'")
     _, vocab = load_vocab(ctx.model_dir)
-    from compsft.vocab import require_same_vocab
-
     require_same_vocab(config.vocab, vocab, f"SPA module {task_dir}")
     model = get_task(config.task).build_model(ctx.model_dir, config.labels)
     load_head(model, head, task_dir)

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from compsft.atomic import atomic_path, write_text
 from compsft.errors import CompsftError
 
 from .hydra import TARGETS
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 WEIGHTS_NAME = "spa.safetensors"
 CONFIG_NAME = "spa_config.json"
@@ -97,7 +100,8 @@ class SpaConfig:
             raise bad("rank", "must be a positive integer")
         if not isinstance(config.density, (int, float)) or not 0 < config.density <= 1:
             raise bad("density", "must be a number in (0, 1]")
-        if not isinstance(config.layers, dict) or not config.layers or not all(_sizes(v) for v in config.layers.values()):
+        layers = config.layers
+        if not isinstance(layers, dict) or not layers or not all(_sizes(v) for v in layers.values()):
             raise CompsftError(f"{path}: field 'layers' must map layer names to [in, out] sizes")
         if not isinstance(config.groups, dict) or not all(_sizes(v) for v in config.groups.values()):
             raise CompsftError(f"{path}: field 'groups' must map group names to [units, unit size]")
@@ -290,7 +294,7 @@ class PruneSchedule:
         return sorted(out.items())
 
 
-def pruning_callback(bank: SpaBank, schedule: PruneSchedule, steps: int, history: list):
+def pruning_callback(bank: SpaBank, schedule: PruneSchedule, steps: int, history: list) -> "TrainerCallback":
     """A TrainerCallback pruning `bank` at the schedule's steps; appends (step, asked, kept density) to `history`."""
     from transformers import TrainerCallback
 
