@@ -22,6 +22,7 @@ from torch import nn
 
 from compsft.atomic import atomic_path, write_text
 from compsft.errors import CompsftError
+from compsft.jsonfile import read_json_object
 
 from .hydra import TARGETS
 
@@ -74,14 +75,7 @@ class SpaConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "SpaConfig":
-        if not path.is_file():
-            raise CompsftError(f"{path}: not found (is {path.parent} an SPA module?)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CompsftError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CompsftError(f"{path}: expected a JSON object")
+        data = read_json_object(path, f"{path}: not found (is {path.parent} an SPA module?)")
         missing = [k for k in ("kind", "rank", "layers") if k not in data]
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if missing or unknown:
