@@ -498,3 +498,43 @@ def test_real_quick_grid_on_the_default_model(tmp_path):
     assert lt["trainable"] < full["trainable"]  # sparse: fewer trainable parameters than the whole model
     assert "paired_differences" in results and results["paired_differences"]["fixed"]["full-ft"]["n"] == 1
     assert (out / "results.md").is_file() and (out / "plot.png").is_file()
+
+
+# -- reports of unfinished grids ------------------------------------------------------------------------
+def test_interrupted_grid_writes_the_table_of_what_finished_and_report_only_rewrites_it(model_dir, tmp_path):
+    from compsft.methods import register_method
+
+    out = tmp_path / "cmp"
+    # fake-c's assembly is interrupted (Ctrl-C) after fake-a's two cells of seed 42 finished.
+    interrupted = fake_method("fake-c", language=False)
+    real_assemble = interrupted.assemble
+
+    def assemble(ctx, task_dir, language_dir):
+        raise KeyboardInterrupt
+
+    interrupted.assemble = assemble
+    register_method(interrupted, replace=True)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(model_dir, out))
+    saved = json.loads((out / "results.json").read_text())
+    assert [(c["method"], c["target"], c["seed"]) for c in saved["cells"]] == [("fake-a", "wol", 42),
+                                                                               ("fake-a", "mlt", 42)]
+    assert saved["cells_total"] == 8 and "Unfinished grid: 2 of 8 cells" in (out / "results.md").read_text()
+    assert saved["summary"]["fixed"]["fake-a"]["targets"]["wol"]["n"] == 1
+
+    # --report-only trains nothing and writes the same cells; a --resume then finishes the grid.
+    interrupted.assemble = real_assemble
+    CALLS.clear()
+    again = run(config(model_dir, out, report_only=True))
+    assert not CALLS and strip_times(again["cells"]) == strip_times(saved["cells"])
+    done = run(config(model_dir, out, resume=True))
+    assert len(done["cells"]) == done["cells_total"] == 8
+    assert "Unfinished" not in (out / "results.md").read_text()
+
+
+def test_report_only_needs_a_grid_with_the_same_settings(model_dir, tmp_path):
+    with pytest.raises(CompsftError, match="no comparison there to report on"):
+        run(config(model_dir, tmp_path / "none", report_only=True))
+    run(config(model_dir, tmp_path / "cmp", seeds=1))
+    with pytest.raises(CompsftError, match="another configuration"):
+        run(config(model_dir, tmp_path / "cmp", seeds=2, report_only=True))

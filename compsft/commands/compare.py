@@ -143,6 +143,8 @@ def print_results(results: dict, out: Path, title: str) -> None:
         f"{t['run_seconds']:.0f} s on {s['device']}"
         + (f"; harness overhead {o['mean']:.3f} s/cell" if o["cells"] else "")
         + (f"; [red]{len(results['failed'])} failed cell(s)[/red] (see results.md)" if results["failed"] else "")
+        + (f"; [yellow]unfinished grid: {len(results['cells'])} of {results['cells_total']} cells[/yellow] "
+           "(--resume continues it)" if results.get("cells_total", 0) > len(results["cells"]) else "")
         + f"\nwrote {out / 'results.md'}, results.json, results.csv, plot.png")
 
 
@@ -191,6 +193,9 @@ def register(app: typer.Typer) -> None:
         model: ModelDir = None,
         out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/cmp"),
         resume: ResumeOpt = False,
+        report_only: Annotated[bool, typer.Option("--report-only", help="Write the table of the cells finished "
+                                                  "so far in --out (same settings as the run), training "
+                                                  "nothing.")] = False,
         device: Device = None,
         source_train: Annotated[Optional[str], typer.Option("--source-train", help="Source training data "
                                                             "(shipped name or file).")] = None,
@@ -225,7 +230,7 @@ def register(app: typer.Typer) -> None:
         config = CompareConfig(task=task, targets=[*_split(targets), *target], methods=method_names or
                                list(DEFAULT_METHODS), seeds=seeds, budget=budget.value,
                                model=str(model) if model else None, out=str(out), resume=resume,
-                               device=device.value if device else None, source=source,
+                               report_only=report_only, device=device.value if device else None, source=source,
                                module_cache=str(module_cache) if module_cache else None,
                                targets_file=str(targets_file) if targets_file else None)
         with rich_progress() as reporter:

@@ -36,13 +36,26 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> dict[str
     grid = resolve(config)
     device = _device(config.device)
     grid.out.mkdir(parents=True, exist_ok=True)
-    check_grid_file(grid, config.resume)
+    check_grid_file(grid, config.resume or config.report_only, must_exist=config.report_only)
     runner = GridRunner(grid, reporter, device)
     methods = method_table(grid.methods, grid.model_dir, grid.budget, grid.task, device)
-    cells = runner.run()
-    results = build_results(grid, cells, methods, device, time.perf_counter() - started, runner.setup_seconds)
-    write_outputs(grid.out, results)
-    return results
+
+    def report(cells: list) -> dict[str, Any]:
+        results = build_results(grid, cells, methods, device, time.perf_counter() - started, runner.setup_seconds)
+        results["cells_total"] = len(runner.cells())
+        write_outputs(grid.out, results)
+        return results
+
+    if config.report_only:
+        return report(runner.finished())
+    try:
+        cells = runner.run()
+    except KeyboardInterrupt:
+        # What finished is on disk already; the table of it is written before the interrupt goes on.
+        if runner.finished():
+            report(runner.finished())
+        raise
+    return report(cells)
 
 
 def method_table(names, model_dir: Path, budget, task: str, device: str = "cpu") -> dict[str, dict[str, Any]]:

@@ -78,6 +78,8 @@ class CompareConfig:
     model: str | None = field(default=None, metadata={"help": "model directory (default: the default model)"})
     out: str = field(default="runs/cmp", metadata={"help": "output directory"})
     resume: bool = field(default=False, metadata={"help": "continue the comparison already in `out`"})
+    report_only: bool = field(default=False, metadata={"help": "write the table of the cells finished so far in "
+                                                                "`out` (same settings); train nothing"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     source: SourceSpec | None = field(default=None, metadata={"help": "source side (default: English)"})
     module_cache: str | None = field(default=None, metadata={"help": "where modules are cached (default: "

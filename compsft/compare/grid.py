@@ -40,12 +40,15 @@ def digest(data: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def check_grid_file(grid: Grid, resume: bool) -> None:
-    """Record the grid in OUT/grid.json, or check it against the one there (--resume)."""
+def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False) -> None:
+    """Record the grid in OUT/grid.json, or check it against the one there (--resume). `must_exist`: there
+    must be one already (a report of a grid run before)."""
     from compsft.atomic import write_text
 
     path = grid.out / GRID_FILE
     record = grid.record()
+    if must_exist and not path.is_file():
+        raise CompsftError(f"{path}: no comparison there to report on (run it first, with the same settings)")
     if path.is_file():
         if not resume:
             raise CompsftError(f"{path}: a comparison is already in {grid.out}; pass --resume to continue it, "

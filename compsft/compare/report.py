@@ -209,6 +209,10 @@ def results_markdown(results: dict[str, Any]) -> str:
              "*stored* are what the target's model holds from the method's modules (task module + target "
              "language module); *train time* is the training time of every module a cell uses (shared modules "
              "count in each method that uses them)."]
+    done, total = len(results["cells"]), results.get("cells_total", len(results["cells"]))
+    if done < total:
+        parts += ["", f"**Unfinished grid: {done} of {total} cells.** Means and intervals are over the cells "
+                      "finished so far (see the `seeds` each cell lists in results.csv); `--resume` continues it."]
     for variant in results["summary"]:
         parts += ["", f"## {VARIANTS[variant]}", "", _md_table(*table_rows(results, variant))]
         diffs = difference_rows(results, variant)

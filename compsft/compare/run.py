@@ -64,6 +64,16 @@ class GridRunner:
         """Seeds outermost, so that a partial grid already has every method at the first seed."""
         return [(s, m, t) for s in self.grid.seeds for m in self.grid.methods for t in self.grid.targets]
 
+    def finished(self) -> list[dict[str, Any]]:
+        """The records of the cells written so far (finished, or failed on their last try), in grid order."""
+        records = []
+        for s, m, t in self.cells():
+            record = read_json(cell_path(self.grid.out, m, t.code, s))
+            record = record or read_json(cell_path(self.grid.out, m, t.code, s, failed=True))
+            if record is not None:
+                records.append(record)
+        return records
+
     def run(self) -> list[dict[str, Any]]:
         cells = self.cells()
         records: list[dict[str, Any] | None] = [read_json(cell_path(self.grid.out, m, t.code, s))
