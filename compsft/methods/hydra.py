@@ -20,7 +20,6 @@ The module defining the method: this one (`METHOD` = "hydra").
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
@@ -31,15 +30,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compsft.atomic import atomic_path, write_text
 from compsft.errors import CompsftError
 from compsft.jsonfile import read_json_object
 
+from .module_files import check_names, read_head, read_tensors, write_module
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
 
 WEIGHTS_NAME = "hydra.safetensors"
 CONFIG_NAME = "hydra_config.json"
-HEAD_NAME = "head.safetensors"
 BANK_ATTR = "compsft_hydra"
 #: every linear layer inside the transformer layers of a BERT-family encoder
 TARGETS = re.compile(r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -203,42 +201,21 @@ def unmerge(model: nn.Module, config: HydraConfig, tensors: Mapping[str, torch.T
 # -- files ---------------------------------------------------------------------------------------
 
 def save(out: Path, config: HydraConfig, bank: HydraBank, head: Mapping[str, torch.Tensor] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"{key.replace('/', '.')}.{p}": getattr(b, p).detach().cpu().contiguous()
-               for key, b in bank.branches.items() for p in PARTS}
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp))
-    if head:
-        with atomic_path(out / HEAD_NAME) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(tmp))
-    write_text(out / CONFIG_NAME, json.dumps(dataclasses.asdict(config), indent=2, ensure_ascii=False) + "\n")
+    tensors = {f"{key.replace('/', '.')}.{p}": getattr(b, p) for key, b in bank.branches.items() for p in PARTS}
+    write_module(out, WEIGHTS_NAME, tensors, CONFIG_NAME, config, head)
 
 
 def load(directory: Path) -> tuple[HydraConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(config, branch tensors, head tensors), validated: a malformed file is a CompsftError naming it."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = HydraConfig.from_file(directory / CONFIG_NAME)
-
-    def read(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors' own error types
-            raise CompsftError(f"{path}: not a readable safetensors file ({e})") from None
-
-    tensors = read(directory / WEIGHTS_NAME)
-    shapes = config.shapes()
-    if set(tensors) != set(shapes):
-        odd = sorted(set(tensors) ^ set(shapes))
-        raise CompsftError(f"{directory / WEIGHTS_NAME}: tensor {odd[0]!r} is missing or not in the config")
+    path = directory / WEIGHTS_NAME
+    tensors, shapes = read_tensors(path), config.shapes()
+    check_names(path, tensors, shapes)
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape or not torch.isfinite(tensors[name]).all():
-            raise CompsftError(f"{directory / WEIGHTS_NAME}: tensor {name!r} has the wrong shape or non-finite values")
-    head = read(directory / HEAD_NAME) if (directory / HEAD_NAME).exists() else {}
-    return config, tensors, head
+            raise CompsftError(f"{path}: tensor {name!r} has the wrong shape or non-finite values")
+    return config, tensors, read_head(directory)
 
 
 def merge_from(model: nn.Module, directory: Path, vocab: dict | None = None) -> HydraConfig:

@@ -11,7 +11,6 @@ removing one in a single layer would shrink nothing downstream.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +19,17 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import nn
 
-from compsft.atomic import atomic_path, write_text
 from compsft.errors import CompsftError
 from compsft.jsonfile import read_json_object
 
 from .hydra import TARGETS
+from .module_files import check_names, read_head, read_tensors, write_module
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 WEIGHTS_NAME = "spa.safetensors"
 CONFIG_NAME = "spa_config.json"
-HEAD_NAME = "head.safetensors"
 BANK_ATTR = "compsft_spa"
 FORMAT = "compsft.spa"
 HEADS, FFN = ".attention.self", ".intermediate.dense"
@@ -306,37 +304,18 @@ def pruning_callback(bank: SpaBank, schedule: PruneSchedule, steps: int, history
 # -- files ---------------------------------------------------------------------------------------
 
 def save(out: Path, config: SpaConfig, bank: SpaBank, head: Mapping[str, torch.Tensor] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"{k.replace('/', '.')}.{p}": getattr(a, p).detach().cpu().contiguous()
-               for k, a in bank.adapters.items() for p in ("A", "B")}
-    tensors.update({f"{k.replace('/', '.')}.keep": m.keep.detach().cpu().clone() for k, m in bank.masks.items()})
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp))
-    if head:
-        with atomic_path(out / HEAD_NAME) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(tmp))
-    write_text(out / CONFIG_NAME, json.dumps(dataclasses.asdict(config), indent=2, ensure_ascii=False) + "\n")
+    tensors = {f"{k.replace('/', '.')}.{p}": getattr(a, p) for k, a in bank.adapters.items() for p in ("A", "B")}
+    tensors.update({f"{k.replace('/', '.')}.keep": m.keep for k, m in bank.masks.items()})
+    write_module(out, WEIGHTS_NAME, tensors, CONFIG_NAME, config, head)
 
 
 def load(directory: Path) -> tuple[SpaConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(config, adapter and mask tensors, head tensors), validated: a malformed file is a CompsftError naming it."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = SpaConfig.from_file(directory / CONFIG_NAME)
-
-    def read(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors' own error types
-            raise CompsftError(f"{path}: not a readable safetensors file ({e})") from None
-
     path = directory / WEIGHTS_NAME
-    tensors, shapes = read(path), config.shapes()
-    if set(tensors) != set(shapes):
-        raise CompsftError(f"{path}: tensor {sorted(set(tensors) ^ set(shapes))[0]!r} is missing or not in the config")
+    tensors, shapes = read_tensors(path), config.shapes()
+    check_names(path, tensors, shapes)
     for name, shape in shapes.items():
         t = tensors[name]
         if tuple(t.shape) != shape:
@@ -351,5 +330,4 @@ def load(directory: Path) -> tuple[SpaConfig, dict[str, torch.Tensor], dict[str,
                                    f"{config.density} of {CONFIG_NAME} means {want}")
         elif not t.is_floating_point() or not torch.isfinite(t).all():
             raise CompsftError(f"{path}: tensor {name!r} must hold finite floating-point values")
-    head = read(directory / HEAD_NAME) if (directory / HEAD_NAME).exists() else {}
-    return config, tensors, head
+    return config, tensors, read_head(directory)
