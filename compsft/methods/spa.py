@@ -168,11 +168,14 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     schedule, history = PruneSchedule(settings.density, settings.events, settings.end_fraction), []
     callbacks = [*ctx.callbacks, pruning_callback(bank, schedule, steps, history)]  # before dev selection's
     trainable_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    selection = DevSelection.create(ctx, data, sup, steps, model, trainable_params, callbacks)
-    if selection is not None:
-        # Only modules at the final density are comparable: spread the checks over the recovery steps.
-        end, n = schedule.end(steps), len(selection.steps)
-        selection.steps = {end + max(0, round((steps - end) * (i + 1) / n)) for i in range(n)}
+    # Only modules at the final density are comparable: the checks are spread over the recovery steps.
+    checks = ctx.budget.dev_checks
+
+    def recovery_checks(total: int) -> list[int]:
+        end = schedule.end(total)
+        return sorted({end + max(0, round((total - end) * (i + 1) / checks)) for i in range(checks)})
+
+    selection = DevSelection.create(ctx, data, sup, steps, model, trainable_params, callbacks, at=recovery_checks)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
                       data_collator=sup.spec.collator(sup.tokenizer))
     run_trainer(trainer, ctx, work)

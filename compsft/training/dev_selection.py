@@ -103,7 +103,8 @@ class DevSelection(TrainerCallback):
     def __init__(self, score: Callable[[torch.nn.Module], float], checks: int, *,
                  active: Callable[[torch.nn.Module], bool] | None = None, state_file: str | Path | None = None,
                  metric: str = "score",
-                 snapshot: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None) -> None:
+                 snapshot: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
+                 at: Callable[[int], Sequence[int]] | None = None) -> None:
         if checks < 0:
             raise CompsftError(f"dev checks must be >= 0, got {checks}")
         self.score = score
@@ -113,6 +114,8 @@ class DevSelection(TrainerCallback):
         self.metric = metric
         # What is kept at the best check: by default the trainable tensors; SpIEL also needs the positions.
         self.snapshot = snapshot or trainable_state
+        # Which steps to check, given the run's length (default: `checks` evenly spaced, the last at the end).
+        self.at = at or (lambda max_steps: check_steps(max_steps, self.checks))
         self.best: dict[str, torch.Tensor] | None = None
         self.best_step: int | None = None
         self.best_score: float | None = None
@@ -127,7 +130,7 @@ class DevSelection(TrainerCallback):
         if not self.checks or model is None or not self.active(model):
             return
         self._max_steps = state.max_steps
-        self._steps = set(check_steps(state.max_steps, self.checks))
+        self._steps = set(self.at(state.max_steps))
         self.best, self.best_step, self.best_score, self.history = None, None, None, []
         self._resume_pending = True
 

@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 LANG, TASK = "lang", "task"
 #: the score dev selection maximises, per task
-PRIMARY_METRIC = {"pos": "accuracy", "dep": "las", "ner": "f1"}
 
 
 @dataclass
@@ -258,64 +257,48 @@ def _task_setup(model, language_dir: Path | None) -> Stack | str:
 
 
 class DevSelection:
-    """Model selection on source dev data (base.py): scores the dev set `budget.dev_checks` times, evenly
-    spaced, the last at the final step, and keeps a copy of the trainable tensors at the best score (ties keep
-    the earlier step). Scoring runs in eval mode and draws no random numbers, so the fixed-budget module is
-    the same with or without it. `save(out, write)` writes the selected module into `out / DEV_SELECTED`."""
+    """Model selection on source dev data (base.py) for modules that are not SFTs: compsft's own
+    `compsft.training.dev_selection.DevSelection` (checks evenly spaced, the last at the final step; ties
+    keep the earlier step; scoring in eval mode, drawing no random numbers) over the module's `trainable`
+    tensors, and `save(out, write)` to write the selected module into `out / DEV_SELECTED`."""
 
-    def __init__(self, spec, tokenizer, gold, labels, steps: list[int], model, trainable: dict) -> None:
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if state.global_step in outer.steps:
-                    outer.check(state.global_step)
-
-        self.callback = Callback()
-        self.spec, self.tokenizer, self.gold, self.labels = spec, tokenizer, gold, labels
-        self.steps, self.model, self.trainable = set(steps), model, trainable
-        self.best: dict | None = None
-        self.best_step, self.best_score = 0, -math.inf
+    def __init__(self, core, trainable: dict) -> None:
+        self.core, self.trainable = core, trainable
+        self.callback = core
 
     @classmethod
     def create(cls, ctx: MethodContext, data: TaskData, sup: "SupervisedData", steps: int, model, trainable: dict,
-               callbacks: list) -> "DevSelection | None":
-        """A selection for this run (appended to `callbacks`), or None when the budget asks for none."""
+               callbacks: list, at=None) -> "DevSelection | None":
+        """A selection for this run (appended to `callbacks`), or None when the budget asks for none.
+        `at(max_steps)`: the steps to check at (default: `budget.dev_checks` evenly spaced)."""
         from compsft.tasks import resolve_data
+        from compsft.training.dev_selection import DevSelection as Core, dev_scorer, primary_metric
 
         budget = ctx.budget
         if not budget.dev_checks or data.dev is None or budget.dev_sentences == 0:
             return None
         dev = sup.spec.read(resolve_data(data.dev))[:budget.dev_sentences or None]
-        at = sorted({max(1, round(steps * (i + 1) / budget.dev_checks)) for i in range(budget.dev_checks)})
-        selection = cls(sup.spec, sup.tokenizer, sup.spec.prepare_gold(dev, sup.labels), sup.labels, at, model,
-                        trainable)
-        callbacks.append(selection.callback)
-        return selection
-
-    def check(self, step: int) -> None:
-        metrics, _ = self.spec.evaluate(self.model, self.tokenizer, self.gold, self.labels)
-        score = float(metrics[PRIMARY_METRIC.get(self.spec.name, next(iter(metrics)))])
-        if score > self.best_score:
-            self.best_score, self.best_step = score, step
-            self.best = {k: v.detach().clone() for k, v in self.trainable.items()}
+        metric = primary_metric(sup.spec.name)
+        score = dev_scorer(sup.spec, sup.tokenizer, dev, sup.labels, metric=metric)
+        snapshot = lambda _model: {k: v.detach().to("cpu", copy=True) for k, v in trainable.items()}  # noqa: E731
+        core = Core(score, budget.dev_checks, metric=metric, snapshot=snapshot, at=at)
+        callbacks.append(core)
+        return cls(core, trainable)
 
     def save(self, out: Path, write) -> dict | None:
         """Write the best module with `write(directory)` (the best tensors swapped in for the call)."""
-        if self.best is None:
+        if self.core.best is None:
             return None
         final = {k: v.detach().clone() for k, v in self.trainable.items()}
         with torch.no_grad():
-            for k, v in self.best.items():
-                self.trainable[k].copy_(v)
+            for k, v in self.core.best.items():
+                self.trainable[k].copy_(v.to(self.trainable[k].device, self.trainable[k].dtype))
             try:
                 write(Path(out) / DEV_SELECTED)
             finally:
                 for k, v in final.items():
                     self.trainable[k].copy_(v)
-        return {"step": self.best_step, "score": self.best_score}
+        return self.core.summary()
 
 
 def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path | None, seed: int, out: Path,
