@@ -42,17 +42,30 @@ def training_args(out, **kw):
     return TrainingArguments(**base)
 
 
+def char_tokenizer(vocab: list[str], vocab_file):
+    """A WordPiece tokenizer over `vocab`. transformers 5 takes the vocabulary as a dict and ignores
+    `vocab_file` (leaving 5 special tokens: every word became [UNK]); 4.x reads `vocab_file`."""
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, strip_accents=True)
+    if len(tok) != len(vocab):
+        tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, strip_accents=True)
+    if len(tok) != len(vocab) or tok.tokenize("ta.") != ["t", "##a", "."]:
+        raise RuntimeError(f"the test tokenizer did not take its vocabulary ({len(tok)} of {len(vocab)} pieces)")
+    return tok
+
+
 def make_model_dir(path, mlm: bool = True, seed: int = 0, **config):
     """A tiny BERT (MLM head included) and a character-level WordPiece tokenizer, saved to `path`."""
     import string
 
-    from transformers import BertForMaskedLM, BertTokenizerFast
+    from transformers import BertForMaskedLM
 
     path.mkdir(parents=True, exist_ok=True)
     chars = list(string.ascii_lowercase + string.digits + ".,;:!?'\"-()")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True, strip_accents=True)
+    tok = char_tokenizer(vocab, path / "vocab.txt")
     tok.save_pretrained(str(path))
     torch.manual_seed(seed)
     model = BertForMaskedLM(tiny_config(vocab_size=len(vocab), max_position_embeddings=64, **config))
