@@ -221,3 +221,36 @@ def _free_port() -> int:
 def _intersect(a, b):
     both = a[torch.isin(a, b)]
     return both, torch.searchsorted(a, both), torch.searchsorted(b, both)
+
+
+def test_dev_lines_are_held_out_and_scored_before_and_after(assets, tmp_path):
+    """--dev-lines N: the last N lines never reach training; the MLM loss on them is recorded before and
+    after, beside the training text's unigram entropy (what a frequency-only predictor scores)."""
+    import math
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from compsft.training.recipes import unigram_entropy
+
+    text = write_text_corpus(tmp_path / "text.txt", n=40, seed=3)
+    lines = text.read_text(encoding="utf-8").splitlines()
+    assert len(set(lines)) == 40  # no duplicates: the corpus keeps every line, in order
+    result = run_cli(["train-language", "--model", assets["model"], "--lang", "mlt", "--text", text,
+                      "--out", tmp_path / "sft", "--k", "400", "--max-length", "32", "--save-steps", "0", "--cpu",
+                      "--lr", "1e-2", "--dev-lines", "10", *steps(3, 3)])
+    dev = compsft.load(tmp_path / "sft").config.training["dev_mlm"]
+    assert dev["lines"] == 10 and "held-out lines" in result.output
+    assert all(math.isfinite(dev[k]) and dev[k] > 0 for k in ("loss_before", "loss_after", "unigram_entropy")), dev
+    assert dev["loss_after"] != dev["loss_before"]
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    counts = Counter(i for ids in tok(lines[:30], add_special_tokens=False)["input_ids"] for i in ids)
+    total = sum(counts.values())
+    expected = -sum(c / total * math.log(c / total) for c in counts.values())
+    assert dev["unigram_entropy"] == round(expected, 4) == round(unigram_entropy(tok, lines[:30]), 4)
+
+    from compsft.errors import CompsftError
+    from compsft.training import train_language_sft
+
+    with pytest.raises(CompsftError, match="dev_lines 40 leaves nothing to train on"):
+        train_language_sft(assets["model"], "mlt", tmp_path / "x", text=[text], dev_lines=40, k=50)

@@ -38,6 +38,11 @@ def _report(tuner, out: Path) -> None:
         console.print(f"[bold yellow]warning[/]: {100 * fallback['rate']:.0f}% of the words of the MLM text fell back "
                       f"to single characters in this model's vocabulary (see the warning above): use "
                       f"`compsft prepare-model --full`, or `compsft trim-vocab` with this text.")
+    dev = (tuner.sft.config.training or {}).get("dev_mlm") if tuner.sft else None
+    if dev and "loss_after" in dev:
+        console.print(f"dev MLM loss on {dev['lines']} held-out lines: {dev['loss_before']:.3f} before, "
+                      f"{dev['loss_after']:.3f} after (unigram entropy of the training text: "
+                      f"{dev['unigram_entropy']:.3f} nats)")
 
 
 # Options both commands take, defined once.
@@ -89,6 +94,9 @@ def register(app: typer.Typer) -> None:
                                                  "BERT data), instead of anew each epoch: the run then does not "
                                                  "depend on the number of processes."),
         max_lines: Optional[int] = typer.Option(None, "--max-lines", min=1, help="Use at most this many lines."),
+        dev_lines: int = typer.Option(0, "--dev-lines", min=0,
+                                      help="Hold out the last N lines and report the MLM loss on them before and "
+                                           "after training, beside the text's unigram entropy."),
         train_head_steps: int = typer.Option(0, "--train-head-steps", min=0,
                                              help="First train the MLM head alone for this many steps "
                                                   "(for models without a pretrained MLM head)."),
@@ -114,7 +122,7 @@ def register(app: typer.Typer) -> None:
             phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
             l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
             mlm_probability=mlm_probability, static_masking=static_masking, max_lines=max_lines,
-            train_head_steps=train_head_steps, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
+            dev_lines=dev_lines, train_head_steps=train_head_steps, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
             weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
         )
         _report(tuner, out)

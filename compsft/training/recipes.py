@@ -81,6 +81,7 @@ def train_language_sft(
     mlm_probability: float = 0.15,
     static_masking: bool = False,
     max_lines: int | None = None,
+    dev_lines: int = 0,
     train_head_steps: int = 0,
     seed: int = 42,
     save_steps: int = 500,
@@ -101,6 +102,11 @@ def train_language_sft(
     characters is recorded (``training["vocabulary_fallback"]``) and warned about above
     `FALLBACK_THRESHOLD`. `tuner` builds the trainer (default `SparseFineTuner`; SpIEL passes its own,
     same arguments).
+
+    `dev_lines` > 0 holds the last `dev_lines` lines of the text out of training and records the MLM loss
+    on them (fixed, seeded masking) before and after training, beside the entropy of the training text's
+    unigram distribution, the loss of a model that predicts token frequencies only
+    (``training["dev_mlm"]``): whether the language SFT learnt more than that.
     """
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed
@@ -128,7 +134,8 @@ def train_language_sft(
     fallback = measure_vocabulary_fallback(tokenizer, corpus.lines)
     if fallback is not None and fallback.too_high:
         logger.warning("%s", fallback_warning(fallback, len(tokenizer), [str(t) for t in texts]))
-    dataset = tokenize_for_mlm(corpus.lines, tokenizer, max_length=max_length)
+    lines, held_out = _hold_out(corpus.lines, dev_lines)
+    dataset = tokenize_for_mlm(lines, tokenizer, max_length=max_length)
     mlm_model = AutoModelForMaskedLM.from_pretrained(model)
     work = work_dir or out.with_name(out.name + ".work")
     head_record = None
@@ -157,6 +164,12 @@ def train_language_sft(
                 "max_length": max_length, "mlm_probability": mlm_probability, "static_masking": static_masking}
     if head_record:
         training["mlm_head_warmup"] = head_record
+    if held_out:
+        from ..models.mlm_head import evaluate_mlm_loss
+
+        training["dev_mlm"] = {"lines": len(held_out), "unigram_entropy": round(unigram_entropy(tokenizer, lines), 4),
+                               "loss_before": round(evaluate_mlm_loss(mlm_model, tokenizer, held_out,
+                                                                      max_length=max_length, seed=seed), 4)}
     config = SftConfig(kind="language", language=code, base_model=str(model),
                        vocab=_vocab(tokenizer), training=training)
     sft_args = _sft_args("language", k, density, mask_strategy, seed, (phase1, phase2), l1)
@@ -165,8 +178,43 @@ def train_language_sft(
     if quiet:
         _silence(tuner)
     tuner.train(resume_from_checkpoint=resume)
+    if held_out:
+        from ..models.mlm_head import evaluate_mlm_loss
+
+        # The trainer leaves θ0 + φ applied, MLM head included.
+        record = tuner.sft.config.training["dev_mlm"]
+        record["loss_after"] = round(evaluate_mlm_loss(tuner.model, tokenizer, held_out, max_length=max_length,
+                                                       seed=seed), 4)
+        logger.info("%s dev MLM loss %.3f -> %.3f (unigram entropy of the training text %.3f)", code,
+                    record["loss_before"], record["loss_after"], record["unigram_entropy"])
     tuner.save_sft(out)
     return tuner
+
+
+def _hold_out(lines: list[str], n: int) -> tuple[list[str], list[str]]:
+    """(training lines, the last `n` lines held out for the dev MLM loss)."""
+    from ..errors import CompsftError
+
+    if n < 0:
+        raise CompsftError(f"dev_lines must be >= 0, got {n}")
+    if not n:
+        return lines, []
+    if n >= len(lines):
+        raise CompsftError(f"dev_lines {n} leaves nothing to train on ({len(lines)} lines of text)")
+    return lines[:-n], lines[-n:]
+
+
+def unigram_entropy(tokenizer, lines: Sequence[str]) -> float:
+    """Entropy (nats) of the sub-word unigram distribution of `lines`: the MLM loss of a model that
+    predicts every masked token by its frequency alone."""
+    import math
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for ids in tokenizer(list(lines), add_special_tokens=False)["input_ids"]:
+        counts.update(ids)
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
 
 
 def train_task_sft(
