@@ -396,3 +396,18 @@ def test_budgets_map_onto_phases():
     assert checkpoint_steps(80) == 40 and checkpoint_steps(3) == 20 and checkpoint_steps(0) == 500
     with pytest.raises(CompsftError, match="task_steps or task_epochs"):
         task_phases(dataclasses.replace(BUDGET, task_steps=0, task_epochs=None))
+
+
+def test_language_modules_measure_their_dev_mlm_loss_when_the_budget_asks(world, tmp_path):
+    import dataclasses
+
+    from compsft.compare.budgets import budget_dict, get_budget
+
+    ctx = MethodContext(model_dir=world["model"], budget=dataclasses.replace(BUDGET, lang_dev_lines=5), device="cpu")
+    info = get_method("lt-sft").train_language(ctx, world["langs"]["mlt"], 0, tmp_path / "lang")
+    dev = info.extra["dev_mlm"]
+    assert dev["lines"] == 5 and dev["loss_before"] > 0 and dev["loss_after"] > 0 and dev["unigram_entropy"] > 0
+    assert compsft.load(tmp_path / "lang").config.training["dev_mlm"] == dev
+    # A field added later stays out of the record at its default: grids recorded before it still resume.
+    assert "lang_dev_lines" not in budget_dict(get_budget("cpu"))
+    assert budget_dict(dataclasses.replace(get_budget("cpu"), lang_dev_lines=200))["lang_dev_lines"] == 200

@@ -54,8 +54,11 @@ def get_budget(name: str) -> Budget:
 
 
 def budget_dict(budget: Budget) -> dict:
-    """The budget as JSON-ready data (tuples become lists)."""
-    return json_ready(dataclasses.asdict(budget))
+    """The budget as JSON-ready data (tuples become lists). Fields added later are left out while at their
+    default, so the records (and module cache keys) of grids from before them do not change."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Budget)}
+    return json_ready({k: v for k, v in dataclasses.asdict(budget).items()
+                       if not (k in Budget.ADDED_LATER and v == defaults[k])})
 
 
 def json_ready(value):

@@ -63,6 +63,13 @@ class Budget:
     task_density: float | None = field(default=None, metadata={"help": "task K / eligible (None: paper's K)"})
     lang_min_steps: int = field(default=0, metadata={"help": "minimum steps per language phase when training "
                                                              "by epochs (the paper's 10k)"})
+    lang_dev_lines: int = field(default=0, metadata={"help": "text lines held out of each language module's "
+                                                             "training to measure its MLM loss before and after "
+                                                             "(SFT methods; 0: none)"})
+
+    #: fields added after grids were first recorded: left out of records while at their default, so
+    #: grids and modules recorded before them are still recognised (--resume, the module cache)
+    ADDED_LATER = ("lang_dev_lines",)
 
 
 @dataclass

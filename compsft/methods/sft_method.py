@@ -51,10 +51,13 @@ def train_language_module(ctx: MethodContext, data: LanguageData, seed: int, out
         tuner = train_language_sft(
             ctx.model_dir, data.code, tmp, text=list(data.texts), exclude=list(data.exclude), density=b.lang_density,
             mask_strategy=mask_strategy, phase1=p1, phase2=p2, lr=b.lang_lr, batch_size=b.lang_batch,
-            max_length=b.lang_max_length, max_lines=b.lang_lines, work_dir=work_dir(ctx, out),
-            **training_kwargs(ctx, seed, "language"))
+            max_length=b.lang_max_length, max_lines=b.lang_lines, dev_lines=b.lang_dev_lines,
+            work_dir=work_dir(ctx, out), **training_kwargs(ctx, seed, "language"))
+    facts = _facts(tuner)
+    if "dev_mlm" in tuner.sft.config.training:
+        facts["dev_mlm"] = tuner.sft.config.training["dev_mlm"]
     return ModuleInfo(trainable=_trainable(tuner), stored_bytes=module_bytes(out), seconds=seconds_since(t0),
-                      extra=_facts(tuner))
+                      extra=facts)
 
 
 def train_task_module(ctx: MethodContext, data: TaskData, source_module: Path | None, seed: int, out: Path, *,
