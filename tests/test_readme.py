@@ -65,6 +65,7 @@ def _command_lines(section: str, program: str) -> list[list[str]]:
 
     lines = []
     for block in _blocks(_section(section), "bash"):
+        block = re.sub(r"\\\n\s*", " ", block)  # a command continued with a backslash is one command
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
             if line.startswith(program + " "):
