@@ -326,24 +326,14 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
 
 
 def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> tuple[Any, list[str]]:
-    from compsft.tasks import get_task
+    from .module_files import open_task_module
 
-    from .adapters.recipes import load_head, load_vocab
-
-    task_dir = Path(task_dir)
-    config, tensors, head = load(task_dir)
-    if config.kind != "task":
-        raise CompsftError(f"{task_dir / CONFIG_NAME}: field 'kind' is {config.kind!r}, expected 'task'")
-    _, vocab = load_vocab(ctx.model_dir)
-    model = get_task(config.task).build_model(ctx.model_dir, config.labels)
-    load_head(model, head, task_dir)
+    config, tensors, head = load(Path(task_dir))
+    model, vocab = open_task_module(ctx, task_dir, config, head, CONFIG_NAME, "Hydra")
     if language_dir is not None:
         lang = merge_from(model, Path(language_dir), vocab)
         if lang.kind != "language":
             raise CompsftError(f"{language_dir / CONFIG_NAME}: field 'kind' is {lang.kind!r}, expected 'language'")
-    from compsft.vocab import require_same_vocab
-
-    require_same_vocab(config.vocab, vocab, f"Hydra module {task_dir}")
     attach(model, config, tensors)
     merge(model)
     model.to(ctx.device).eval()

@@ -50,3 +50,21 @@ def check_names(path: Path, tensors: Mapping[str, torch.Tensor], shapes: Mapping
     """The file holds exactly the tensors its config describes."""
     if set(tensors) != set(shapes):
         raise CompsftError(f"{path}: tensor {sorted(set(tensors) ^ set(shapes))[0]!r} is missing or not in the config")
+
+
+def open_task_module(ctx, task_dir: Path, config: Any, head: Mapping[str, torch.Tensor], config_name: str,
+                     what: str):
+    """(a fresh task model on θ0 holding the module's head, the model's vocabulary record), after checking
+    that the module in `task_dir` is a task module trained with this model's vocabulary."""
+    from compsft.tasks import get_task
+    from compsft.vocab import require_same_vocab
+
+    from .adapters.recipes import load_head, load_vocab
+
+    if config.kind != "task":
+        raise CompsftError(f"{Path(task_dir) / config_name}: field 'kind' is {config.kind!r}, expected 'task'")
+    _, vocab = load_vocab(ctx.model_dir)
+    require_same_vocab(config.vocab, vocab, f"{what} module {task_dir}")
+    model = get_task(config.task).build_model(ctx.model_dir, config.labels)
+    load_head(model, head, Path(task_dir))
+    return model, vocab

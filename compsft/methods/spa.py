@@ -194,19 +194,10 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
 
 def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> tuple[Any, list[str]]:
     """θ0 + the target language adapter + the task adapter, merged, then the task's masks (module docstring)."""
-    from compsft.tasks import get_task
-    from compsft.vocab import require_same_vocab
+    from .module_files import open_task_module
 
-    from .adapters.recipes import load_head, load_vocab
-
-    task_dir = Path(task_dir)
-    config, tensors, head = load(task_dir)
-    if config.kind != "task":
-        raise CompsftError(f"{task_dir / CONFIG_NAME}: field 'kind' is {config.kind!r}, expected 'task'")
-    _, vocab = load_vocab(ctx.model_dir)
-    require_same_vocab(config.vocab, vocab, f"SPA module {task_dir}")
-    model = get_task(config.task).build_model(ctx.model_dir, config.labels)
-    load_head(model, head, task_dir)
+    config, tensors, head = load(Path(task_dir))
+    model, vocab = open_task_module(ctx, task_dir, config, head, CONFIG_NAME, "SPA")
     if language_dir is not None:
         merge_from(model, Path(language_dir), vocab, "language")
     attach(model, config, tensors)
