@@ -555,3 +555,29 @@ def test_shira_is_sparse_at_k_and_merges(tiny_world, tmp_path):
     name = "bert.encoder.layer.0.intermediate.dense.weight"
     moved = (dict(model.named_parameters())[name] != dict(base.named_parameters())[name]).sum().item()
     assert 0 < moved <= counts["task_rank"] * (16 + 32) < 16 * 32  # at most r·(in + out) entries: sparse
+
+
+def test_dev_selection_save_writes_the_best_state_and_puts_the_final_one_back(tmp_path):
+    """`save(out, write)` swaps the best tensors in for the call only: whatever the method writes or
+    evaluates afterwards sees the trained (final) state."""
+    from compsft.methods.adapters.recipes import DevSelection
+    from compsft.training.dev_selection import DevSelection as Core
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    scores = iter([0.9, 0.1])
+    core = Core(lambda model: next(scores), 2, snapshot=lambda model: {"w": w.detach().clone()})
+    selection = DevSelection(core, {"w": w})
+
+    class State:
+        max_steps, is_world_process_zero, global_step = 2, True, 0
+
+    core.on_train_begin(None, State, None, model=object())
+    for step, value in ((1, 1.0), (2, 2.0)):
+        with torch.no_grad():
+            w.fill_(value)
+        State.global_step = step
+        core.on_step_end(None, State, None, model=object())
+    written = {}
+    summary = selection.save(tmp_path, lambda d: written.setdefault(d, w.detach().clone()))
+    assert summary["step"] == 1 and torch.equal(written[tmp_path / DEV_SELECTED], torch.ones(3))
+    assert torch.equal(w.detach(), torch.full((3,), 2.0))  # the final state is back

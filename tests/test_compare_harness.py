@@ -532,6 +532,16 @@ def test_interrupted_grid_writes_the_table_of_what_finished_and_report_only_rewr
     assert "Unfinished" not in (out / "results.md").read_text()
 
 
+def test_report_only_lists_the_failed_cells_too(model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    run(config(model_dir, out, methods=["fake-fail", "fake-c"], seeds=1))
+    CALLS.clear()
+    report = run(config(model_dir, out, methods=["fake-fail", "fake-c"], seeds=1, report_only=True))
+    assert not CALLS and len(report["cells"]) == report["cells_total"] == 4
+    assert [c["target"] for c in report["cells"] if c["status"] == "failed"] == ["mlt"]
+    assert "cannot assemble mlt" in (out / "results.md").read_text()
+
+
 def test_report_only_needs_a_grid_with_the_same_settings(model_dir, tmp_path):
     with pytest.raises(CompsftError, match="no comparison there to report on"):
         run(config(model_dir, tmp_path / "none", report_only=True))
