@@ -2,7 +2,6 @@
 random-init model, plus the pieces behind them (prune-and-retrain, dev selection, full fine-tuning)."""
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
@@ -15,29 +14,15 @@ from compsft.merge import applied, revert
 from compsft.methods import (DEV_SELECTED, Budget, LanguageData, MethodContext, MethodSpec, TaskData, get_method,
                              list_methods, register_method, unregister_method)
 from compsft.methods.common import clear_task_model, module_bytes
-from compsft.tasks import data_path, get_task
+from compsft.tasks import get_task
 
-from training_helpers import ToyTagging, make_model_dir, tiny_config, training_args, write_text_corpus
+from training_helpers import (ToyTagging, first_sentences, make_model_dir, tiny_config, training_args,
+                              write_text_corpus)
 
 BUDGET = Budget(lang_steps=2, lang_epochs=None, lang_max_steps=None, lang_batch=4, lang_max_length=32, lang_lines=40,
                 lang_lr=1e-3, task_steps=3, task_epochs=None, task_batch=8, task_max_length=32, task_lr=1e-3,
                 train_sentences=24, dev_sentences=8, dev_checks=2, eval_sentences=None,
                 lang_density=0.01, task_density=0.02)
-
-
-def first_sentences(name: str, n: int, out: Path) -> Path:
-    """The first `n` sentences of a shipped CoNLL-U file, as a small file (reading the whole file is slow)."""
-    blocks, current = [], []
-    with gzip.open(data_path(name), "rt", encoding="utf-8") as f:
-        for line in f:
-            current.append(line)
-            if not line.strip():
-                blocks.append("".join(current))
-                current = []
-                if len(blocks) == n:
-                    break
-    out.write_text("".join(blocks), encoding="utf-8")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from compsft.errors import CompsftError
 from compsft.training.nas_pet import (LoraDelta, NasPetArguments, PetSpace, auto_rank, prune_schedule,
                                       round_targets, survivors_by_layer, train_nas_pet_sft)
 
-from training_helpers import make_model_dir, tiny_config, write_text_corpus
+from training_helpers import first_sentences, make_model_dir, tiny_config, write_text_corpus
 
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"
 OUT_BIAS = "bert.encoder.layer.1.attention.output.dense.bias"
@@ -125,21 +125,8 @@ def assets(tmp_path_factory):
     text = write_text_corpus(root / "text.txt")
     lang = compsft.train_language_sft(model, "mlt", root / "lang", text=[text], k=400, phase1=(None, 2, 2),
                                       phase2=(None, 2, 2), max_length=32, cpu=True, save_steps=0).sft
-    return {"model": model, "root": root, "lang": lang, "train": first_sentences(root / "train.conllu", 24)}
-
-
-def first_sentences(path, n):
-    """The first `n` sentences of the shipped English training set (reading all 4,000 is slow)."""
-    import gzip
-
-    from compsft.tasks import data_path
-
-    source = data_path("ud:en_ewt:train")
-    opener = gzip.open if source.suffix == ".gz" else open
-    with opener(source, "rt", encoding="utf-8") as f:
-        blocks = f.read().split("\n\n")[:n]
-    path.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
-    return path
+    train = first_sentences("ud:en_ewt:train", 24, root / "train.conllu")
+    return {"model": model, "root": root, "lang": lang, "train": train}
 
 
 def test_recipe_searches_retrains_and_writes_a_composable_sft(assets, structured=True):

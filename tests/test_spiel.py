@@ -13,7 +13,8 @@ from compsft.errors import CompsftError
 from compsft.training import SftArguments
 from compsft.training.spiel import SpielArguments, SpielStore, SpielTuner, train_spiel_sft
 
-from training_helpers import ToyTagging, make_model_dir, tiny_config, training_args, write_text_corpus
+from training_helpers import (ToyTagging, first_sentences, make_model_dir, tiny_config, training_args,
+                              write_text_corpus)
 
 
 # -- the reselection itself, on a hand-made store ---------------------------------------------------
@@ -182,24 +183,10 @@ def trained(tmp_path_factory):
     spiel = SpielArguments(reselection_steps=2, accumulation_steps=1)
     spiel_lang = train_spiel_sft("language", model, "mlt", root / "lang-spiel", text=[text], k=300,
                                  steps=(None, 5, 5), spiel_args=spiel, **common)
-    train = first_sentences(root / "train.conllu", 24)
+    train = first_sentences("ud:en_ewt:train", 24, root / "train.conllu")
     task = train_spiel_sft("task", "pos", model, train, root / "task", source_sft=root / "lang",
                            max_sentences=24, k=300, steps=(None, 5, 5), spiel_args=spiel, **common)
     return {"model": model, "lang": lang, "root": root, "spiel_lang": spiel_lang, "task": task, "train": train}
-
-
-def first_sentences(path, n):
-    """The first `n` sentences of the shipped English training set (reading all 4,000 is slow)."""
-    import gzip
-
-    from compsft.tasks import data_path
-
-    source = data_path("ud:en_ewt:train")
-    opener = gzip.open if source.suffix == ".gz" else open
-    with opener(source, "rt", encoding="utf-8") as f:
-        blocks = f.read().split("\n\n")[:n]
-    path.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
-    return path
 
 
 def test_recipe_writes_ordinary_sfts(trained):
@@ -319,7 +306,8 @@ def test_dev_selection_keeps_positions_and_values_of_the_best_check(tmp_path):
     assert torch.equal(chosen.dense["classifier.weight"], at6["classifier.weight"])
     # The support did move after step 6, so positions from the end would have been wrong.
     final = tuner.sft
-    assert any(not torch.equal(final.diffs[n].indices.long(), at6[INDICES + n]) for n in final.diffs if n in chosen.diffs)
+    assert any(not torch.equal(final.diffs[n].indices.long(), at6[INDICES + n])
+               for n in final.diffs if n in chosen.diffs)
 
 
 def test_spiel_task_module_writes_the_dev_selected_sft(trained, tmp_path):

@@ -84,3 +84,23 @@ def write_text_corpus(path, n=120, seed=0):
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(n)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def first_sentences(name: str, n: int, out):
+    """The first `n` sentences of a shipped CoNLL-U file (e.g. "ud:en_ewt:train"), as a small file at `out`
+    (reading the whole file is slow)."""
+    import gzip
+
+    from compsft.tasks import data_path
+
+    blocks, current = [], []
+    with gzip.open(data_path(name), "rt", encoding="utf-8") as f:
+        for line in f:
+            current.append(line)
+            if not line.strip():
+                blocks.append("".join(current))
+                current = []
+                if len(blocks) == n:
+                    break
+    out.write_text("".join(blocks), encoding="utf-8")
+    return out
