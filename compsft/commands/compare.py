@@ -74,8 +74,9 @@ class RichReporter:
 
 @contextlib.contextmanager
 def rich_progress() -> Iterator:
-    """A RichReporter on stderr (plain lines when stderr is not a terminal); the libraries' INFO lines are kept out of the way while it runs (and their
-    levels restored after: the command may run inside a larger program)."""
+    """A RichReporter on stderr (plain lines when stderr is not a terminal); the libraries' INFO lines are
+    kept out of the way while it runs (and their levels restored after: the command may run inside a larger
+    program)."""
     import transformers
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,

@@ -52,8 +52,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> dict[str
         cells = runner.run()
     except KeyboardInterrupt:
         # What finished is on disk already; the table of it is written before the interrupt goes on.
-        if runner.finished():
-            report(runner.finished())
+        done = runner.finished()
+        if done:
+            report(done)
         raise
     return report(cells)
 

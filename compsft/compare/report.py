@@ -212,7 +212,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     done, total = len(results["cells"]), results.get("cells_total", len(results["cells"]))
     if done < total:
         parts += ["", f"**Unfinished grid: {done} of {total} cells.** Means and intervals are over the cells "
-                      "finished so far (see the `seeds` each cell lists in results.csv); `--resume` continues it."]
+                      "finished so far (results.csv has one row per finished cell); `--resume` continues it."]
     for variant in results["summary"]:
         parts += ["", f"## {VARIANTS[variant]}", "", _md_table(*table_rows(results, variant))]
         diffs = difference_rows(results, variant)
