@@ -57,8 +57,8 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
 
     b = ctx.budget
     search, retrain = task_phases(ctx)
-    work = Path(ctx.work_dir) if ctx.work_dir else None
-    selection = dev_selection(ctx, data, work or work_dir(ctx, out), sparse=False)
+    work = work_dir(ctx, out)
+    selection = dev_selection(ctx, data, work, sparse=False)
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
         res = train_nas_pet_sft(data.task, ctx.model_dir, data.train, tmp, source_sft=source_module,

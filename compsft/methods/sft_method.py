@@ -30,8 +30,10 @@ def _facts(tuner) -> dict:
     s = tuner.summary()
     # "output" would name the temporary directory the module was written to before it was renamed.
     phases = {k: v for k, v in s["phases"].items() if k != "output"}
-    return {"k": s["k"], "num_eligible": s["num_eligible"], "density": s["density"],
-            "mask_strategy": s["mask_strategy"], "phases": phases}
+    facts = {"k": s["k"], "num_eligible": s["num_eligible"], "density": s["density"],
+             "mask_strategy": s["mask_strategy"], "phases": phases}
+    dev_mlm = tuner.sft.config.training.get("dev_mlm")  # language modules trained with held-out lines
+    return {**facts, "dev_mlm": dev_mlm} if dev_mlm else facts
 
 
 def _trainable(tuner) -> int:
@@ -53,11 +55,8 @@ def train_language_module(ctx: MethodContext, data: LanguageData, seed: int, out
             mask_strategy=mask_strategy, phase1=p1, phase2=p2, lr=b.lang_lr, batch_size=b.lang_batch,
             max_length=b.lang_max_length, max_lines=b.lang_lines, dev_lines=b.lang_dev_lines,
             work_dir=work_dir(ctx, out), **training_kwargs(ctx, seed, "language"))
-    facts = _facts(tuner)
-    if "dev_mlm" in tuner.sft.config.training:
-        facts["dev_mlm"] = tuner.sft.config.training["dev_mlm"]
     return ModuleInfo(trainable=_trainable(tuner), stored_bytes=module_bytes(out), seconds=seconds_since(t0),
-                      extra=facts)
+                      extra=_facts(tuner))
 
 
 def train_task_module(ctx: MethodContext, data: TaskData, source_module: Path | None, seed: int, out: Path, *,
