@@ -264,7 +264,6 @@ class DevSelection:
 
     def __init__(self, core, trainable: dict) -> None:
         self.core, self.trainable = core, trainable
-        self.callback = core
 
     @classmethod
     def create(cls, ctx: MethodContext, data: TaskData, sup: "SupervisedData", steps: int, model, trainable: dict,
