@@ -538,6 +538,97 @@ def test_mosa_train_language_task_assemble(tiny_world, tmp_path):
     assert not any("parametrizations" in n for n, _ in model.named_parameters())
 
 
+# -- MoSA, hierarchical sparse strategy (mosa-hier): the down projection shared and dense, the up projection split
+
+def _parametrized(module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(module, "weight")
+
+
+def _hier_split(seed=0, n=4, shared="down"):
+    from compsft.methods.adapters import split
+
+    model = _tiny_tagger()
+    adapter = add_adapter(model, "a", _config(reduction_factor=2))  # per layer: down 8 × 16, up 16 × 8
+    _randomise(adapter, 7)  # no exact zeros: a zero in the masked view means "not in this sub-module"
+    dense = {k: v.clone() for k, v in adapter.tensors().items()}
+    controller = split.SplitController(n, seed=seed)
+    names = split.split(adapter, controller, seed=seed, shared=shared)
+    return adapter, controller, dense, names
+
+
+def test_mosa_hier_masks_partition_every_level_and_merge_is_dense():
+    from compsft.methods.adapters import split
+
+    adapter, controller, dense, names = _hier_split(n=4)
+    assert names == ["layers.0.adapter_up.weight", "layers.1.adapter_up.weight"]  # only the up projections split
+    adapter.train()
+    for layer in ("0", "1"):
+        up, down = adapter.layers[layer].adapter_up, adapter.layers[layer].adapter_down[0]
+        dense_up = dense[f"layers.{layer}.adapter_up.weight"]
+        dense_down = dense[f"layers.{layer}.adapter_down.0.weight"]
+        seen = torch.zeros_like(dense_up)
+        for i in range(4):
+            controller.active = i
+            part = up.weight
+            assert torch.all((part == 0) | (part == dense_up))  # a sub-module is a subset of W's entries
+            assert (part != 0).any()  # and not empty
+            seen += (part != 0).float()
+            # the shared level: one part, every entry, whichever sub-module is active
+            assert not _parametrized(down) and torch.equal(down.weight, dense_down)
+        assert torch.equal(seen, torch.ones_like(seen))  # disjoint and covering: every entry in exactly one
+    split.merge(adapter, controller)
+    assert controller.active is None
+    for module in adapter.modules():
+        assert not _parametrized(module)
+    for k, v in adapter.tensors().items():  # back to plain parameters, values unchanged
+        assert torch.equal(v, dense[k]), k
+    with pytest.raises(ValueError, match="down or the up"):
+        split.split(adapter, controller, seed=0, shared="middle")
+
+
+def test_mosa_hier_gradient_reaches_only_the_active_sub_module_and_the_shared_projection():
+    adapter, controller, dense, _ = _hier_split(n=4)
+    adapter.train()
+    layer = adapter.layers["0"]
+    g = torch.Generator().manual_seed(1)
+    x, residual = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    controller.active = 2
+    layer(x, residual).pow(2).sum().backward()
+    up = layer.adapter_up.parametrizations.weight
+    owner, grad = up[0].owner, up.original.grad
+    assert torch.all(grad[owner != 2] == 0)  # entries of the other sub-modules: no gradient
+    assert (grad[owner == 2] != 0).float().mean() > 0.9
+    # The shared down projection trains at every step: a gradient on (nearly) every entry, where the flat
+    # strategy would give one on about a quarter of them.
+    assert (layer.adapter_down[0].weight.grad != 0).float().mean() > 0.75
+
+
+def test_mosa_hier_partition_and_draws_are_reproducible_from_seed_and_step():
+    from types import SimpleNamespace
+
+    from compsft.methods.adapters import split
+
+    def owners(adapter):
+        return [m.parametrizations.weight[0].owner for m in adapter.modules() if _parametrized(m)]
+
+    first, again, other = _hier_split(seed=3)[0], _hier_split(seed=3)[0], _hier_split(seed=4)[0]
+    assert all(torch.equal(a, b) for a, b in zip(owners(first), owners(again), strict=True))  # a resumed run's split
+    assert not all(torch.equal(a, b) for a, b in zip(owners(first), owners(other), strict=True))
+    a, b = split.SplitController(4, seed=3), split.SplitController(4, seed=3)
+    draws = [a.draw(step) for step in range(40)]
+    assert draws == [b.draw(step) for step in range(40)] and set(draws) == {0, 1, 2, 3}
+    assert draws != [split.SplitController(4, seed=4).draw(step) for step in range(40)]
+    # Resuming at step 17: the callback draws from the global step, so the same sub-modules as the first run.
+    resumed = split.SplitController(4, seed=3)
+    callback, active = split.DrawSubModule(resumed), []
+    for step in range(17, 40):
+        callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        active.append(resumed.active)
+    assert active == draws[17:]
+
+
 def test_shira_is_sparse_at_k_and_merges(tiny_world, tmp_path):
     from transformers import AutoModelForTokenClassification
 

@@ -51,17 +51,29 @@ class MadxSettings:
     #: MoSA: split each trained adapter's weight matrices into this many disjoint random sparse sub-modules,
     #: train one (drawn at random) per step, merge afterwards (`split.py`); 0: ordinary dense training
     mosa_splits: int = 0
+    #: MoSA's hierarchical sparse strategy: this projection of every bottleneck ("down" or "up") is not split but
+    #: trained densely at every step, shared by all the sub-modules (`split.py`); None: the flat strategy
+    mosa_shared: str | None = None
+
+
+def _mosa_training_facts(settings: MadxSettings) -> dict:
+    """What MoSA's settings add to `config.training`: `mosa_shared` only when set, so flat MoSA's files stay as
+    they were."""
+    shared = {"mosa_shared": settings.mosa_shared} if settings.mosa_shared else {}
+    return {"mosa_splits": settings.mosa_splits, **shared}
 
 
 def _split_for_training(model, name: str, settings: MadxSettings, seed: int, callbacks: list):
     """With MoSA settings: split adapter `name` and draw a sub-module per step; returns what `_merge_split` needs."""
+    if settings.mosa_shared is not None and settings.mosa_splits < 2:
+        raise CompsftError(f"mosa_shared={settings.mosa_shared!r} needs mosa_splits >= 2 (something to split)")
     if settings.mosa_splits < 2:
         return None
     from . import split
 
     adapter = adapter_bank(model).adapters[name]
     controller = split.SplitController(settings.mosa_splits, seed)
-    split.split(adapter, controller, seed)
+    split.split(adapter, controller, seed, shared=settings.mosa_shared)
     callbacks.append(split.DrawSubModule(controller))
     return adapter, controller
 
@@ -227,8 +239,9 @@ def train_language_adapter(ctx: MethodContext, data: LanguageData, seed: int, ou
     _merge_split(split_handle)
     masked_only.remove()
     config.training = {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats, "text": mlm.texts,
-                       "mosa_splits": settings.mosa_splits,
-                       "max_length": budget.lang_max_length, "lr": args.learning_rate, "batch": budget.lang_batch, "seed": seed,
+                       **_mosa_training_facts(settings),
+                       "max_length": budget.lang_max_length, "lr": args.learning_rate, "batch": budget.lang_batch,
+                       "seed": seed,
                        "final_loss": final_loss(trainer)}
     save_adapter_files(out, config, adapter_bank(model).adapters[LANG].tensors())
     return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
@@ -341,7 +354,7 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
     config.training = {"steps": steps, "examples": len(dataset), "sentences": len(sentences), "train": str(data.train),
                        "source_language": str(source_language) if source_language else None,
                        "drop_last_language_layer": settings.drop_last_language_layer,
-                       "mosa_splits": settings.mosa_splits,
+                       **_mosa_training_facts(settings),
                        "lr": args.learning_rate, "batch": budget.task_batch, "seed": seed,
                        "final_loss": final_loss(trainer)}
     _save_task(out, config, state)
