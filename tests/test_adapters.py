@@ -629,6 +629,65 @@ def test_mosa_hier_partition_and_draws_are_reproducible_from_seed_and_step():
     assert active == draws[17:]
 
 
+def test_mosa_hier_train_language_task_assemble(tiny_world, tmp_path):
+    from dataclasses import replace
+
+    from transformers import TrainerCallback
+
+    from compsft.methods import get_method, mosa
+    from compsft.methods.adapters.recipes import _mosa_training_facts
+    from compsft.methods.madx import SETTINGS
+
+    spec = get_method("mosa-hier")
+    assert spec is mosa.METHOD_HIER and spec.language_key == "mosa-hier"  # its own language adapters
+    ctx = _ctx(tiny_world, tmp_path)
+    counts = spec.parameter_counts(ctx, "pos")
+    assert counts == mosa.METHOD.parameter_counts(ctx, "pos")  # the same adapters as flat MoSA
+    seen = {}
+
+    def weights(model):  # the stored (dense) weights, never the masked view the forward pass sees
+        layer = model.compsft_adapters.adapters["lang"].layers["0"]
+        return [m.parametrizations.weight.original if _parametrized(m) else m.weight
+                for m in (layer.adapter_down[0], layer.adapter_up)]
+
+    class FirstStep(TrainerCallback):  # Adam's first step moves every entry that had a gradient
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["before"] = [w.detach().clone() for w in weights(model)]
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 1:
+                moved = [(w.detach() != b).float().mean().item() for w, b in zip(weights(model), seen["before"])]
+                seen["moved"] = moved
+
+    ctx.callbacks = [FirstStep()]
+    info = spec.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang")
+    assert info.trainable == counts["language_trainable"]
+    down_moved, up_moved = seen["moved"]
+    assert down_moved > 0.9  # shared: trained at every step
+    assert 0.1 < up_moved < 0.4  # split: about 1 / N_SPLITS of the entries
+    ctx.callbacks = []
+    spec.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang", 0, tmp_path / "task")
+    config, tensors, _ = load_adapter_files(tmp_path / "task")  # merged: the ordinary dense adapter format
+    assert config.training["mosa_splits"] == mosa.N_SPLITS and config.training["mosa_shared"] == "down"
+    assert load_adapter_files(tmp_path / "lang")[0].training["mosa_shared"] == "down"
+    assert all((t != 0).float().mean() > 0.9 for k, t in tensors.items() if k.endswith("adapter_up.weight"))
+    model, _ = spec.assemble(ctx, tmp_path / "task", tmp_path / "lang")
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())
+    # Flat MoSA's files keep exactly the keys they had: no mosa_shared entry.
+    assert _mosa_training_facts(replace(SETTINGS, mosa_splits=4)) == {"mosa_splits": 4}
+
+
+def test_mosa_shared_without_splits_is_refused(tiny_world, tmp_path):
+    from dataclasses import replace
+
+    from compsft.methods.madx import SETTINGS, make_method
+
+    spec = make_method("mosa-bad", replace(SETTINGS, mosa_shared="down"), "shared but nothing split")
+    with pytest.raises(CompsftError, match="mosa_splits >= 2"):
+        spec.train_language(_ctx(tiny_world, tmp_path), LanguageData("mlt", [tiny_world["text_a"]]), 0,
+                            tmp_path / "lang")
+
+
 def test_shira_is_sparse_at_k_and_merges(tiny_world, tmp_path):
     from transformers import AutoModelForTokenClassification
 

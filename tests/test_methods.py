@@ -90,7 +90,8 @@ def test_registry():
 # Methods with their own test files, which drive them through the same four calls (train_language,
 # train_task, assemble, parameter_counts): the adapter family writes adapter files, not SFTs
 # (tests/test_adapters.py; SPA's adapters and channel masks: tests/test_spa.py).
-OWN_TESTS = {"mad-x", "mad-x-rf16", "mad-x-2.0", "lora", "shira", "hydra", "mosa", "spa", "spa-d75", "spa-d25"}
+OWN_TESTS = {"mad-x", "mad-x-rf16", "mad-x-2.0", "lora", "shira", "hydra", "mosa", "mosa-hier", "spa", "spa-d75",
+             "spa-d25"}
 # Structured pruning removes whole units (rank-1 components, bias vectors): it ends at most K, not exactly K.
 PRUNED_TO_AT_MOST_K = {"nas-pet-structured"}
 # A merged PET stores ΔW = B·A, dense in every matrix with a surviving component: its size is known only

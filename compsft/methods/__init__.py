@@ -25,8 +25,8 @@ in `sft_method.py` with another mask strategy; anything else implements the four
 
 The methods here: `lt-sft`, `task-sft-only`, `full-ft`, `random-mask`, `magnitude-mask`,
 `prune-difference` and `prune-difference-noretrain`; the adapter family `mad-x` (also `mad-x-rf16`,
-`mad-x-2.0`), `lora`, `shira`, `hydra`, `mosa`, `spa` (also `spa-d75`, `spa-d25`); each module's docstring
-states its composition rule.
+`mad-x-2.0`), `lora`, `shira`, `hydra`, `mosa` (also `mosa-hier`), `spa` (also `spa-d75`, `spa-d25`);
+each module's docstring states its composition rule.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ REGISTRY: dict[str, str] = {
     "shira": ".lora:METHOD_SHIRA",
     "hydra": ".hydra",
     "mosa": ".mosa",
+    "mosa-hier": ".mosa:METHOD_HIER",
     # structured pruning adapters at three densities of heads / FFN channels (accuracy vs density)
     "spa": ".spa",
     "spa-d75": ".spa:METHOD_D75",
