@@ -420,6 +420,33 @@ def test_spiel_methods_through_the_four_calls(trained, tmp_path):
     assert len(calls) == 1
 
 
+def test_spiel_task_module_resumes_an_interrupted_training_in_the_harness_work_dir(trained, tmp_path):
+    """As the comparison harness runs it: checkpoints in `work_dir` at LT-SFT's interval (20 steps here, of
+    40), killed after step 25, then `resume=True` continues from checkpoint-20 (right after the reselection
+    at step 20) and writes the module, dev-selected state included, an uninterrupted run writes."""
+    import dataclasses
+
+    from compsft.methods.base import DEV_SELECTED, MethodContext, TaskData
+    from compsft.methods.spiel import METHOD
+
+    data = TaskData("pos", trained["train"], dev=trained["train"])
+    ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget(task_steps=20, dev_checks=2, dev_sentences=8))
+    source = trained["root"] / "lang"
+    METHOD.train_task(ctx, data, source, 0, tmp_path / "straight")
+    work = tmp_path / "work"
+    crashing = dataclasses.replace(ctx, work_dir=work, callbacks=[CrashAt(25)])
+    with pytest.raises(Interrupted):
+        METHOD.train_task(crashing, data, source, 0, tmp_path / "task")
+    assert sorted(p.name for p in (work / "phase2").iterdir()) == ["checkpoint-20"]
+    assert not (tmp_path / "task").exists()
+    info = METHOD.train_task(dataclasses.replace(ctx, work_dir=work, resume=True), data, source, 0, tmp_path / "task")
+    assert info.extra["reselections"] == 1 and info.extra["moved"] > 0
+    resumed, straight = compsft.load(tmp_path / "task"), compsft.load(tmp_path / "straight")
+    assert str(resumed.config.training["phases"]["phase2"]["resumed_from"]).endswith("checkpoint-20")
+    assert_same_sft(straight, resumed)
+    assert_same_sft(compsft.load(tmp_path / "straight" / DEV_SELECTED), compsft.load(tmp_path / "task" / DEV_SELECTED))
+
+
 # -- source-dev model selection ---------------------------------------------------------------------
 class Snapshots(TrainerCallback):
     def __init__(self):
