@@ -259,6 +259,24 @@ def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(interrupted, tmp_pa
             shutil.rmtree(work / "phase2" / later, ignore_errors=True)
 
 
+class SaveAt(TrainerCallback):
+    """Asks for a checkpoint at `step`, after SpIEL's callback has had its say (as a user's callback might)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+
+def test_a_checkpoint_forced_inside_an_accumulation_window_lands_at_its_end(tmp_path):
+    tuner = resumable_tuner(tmp_path / "work", steps=10)
+    tuner.add_callback(SaveAt(8))  # steps 8-9 accumulate for the reselection after step 9
+    tuner.train()
+    assert sorted(p.name for p in (tmp_path / "work" / "phase2").iterdir()) == ["checkpoint-9"]
+
+
 def test_resume_without_a_checkpoint_starts_afresh_and_equals_the_straight_run(interrupted, tmp_path):
     tuner = resumable_tuner(tmp_path / "empty", save_steps=4)
     tuner.train(resume_from_checkpoint=True)
@@ -277,9 +295,19 @@ def _flip(path):
     path.write_bytes(bytes(data))
 
 
+def _drop_values(path):
+    # The Trainer loads a model non-strictly: without a check this would resume with Δ = 0.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    del tensors["spiel_store.values"]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("name, damage", [
     ("spiel.safetensors", _truncate), ("spiel.safetensors", lambda p: p.unlink()),
-    ("model.safetensors", _truncate), ("optimizer.pt", _flip), ("optimizer.pt", _truncate),
+    ("model.safetensors", _truncate), ("model.safetensors", _drop_values), ("optimizer.pt", _flip),
+    ("optimizer.pt", _truncate),
     ("rng_state.pth", _flip), ("trainer_state.json", lambda p: p.write_text("{")),
 ])
 def test_a_damaged_checkpoint_file_is_a_clear_error_naming_it(interrupted, tmp_path, name, damage):
