@@ -475,6 +475,27 @@ def test_spiel_task_module_resumes_an_interrupted_training_in_the_harness_work_d
     assert_same_sft(compsft.load(tmp_path / "straight" / DEV_SELECTED), compsft.load(tmp_path / "task" / DEV_SELECTED))
 
 
+def test_spiel_language_module_resumes_an_interrupted_training(trained, tmp_path):
+    """The MLM path (dynamic masking by ResumableMlmCollator): killed after step 25, resumed from checkpoint-20."""
+    import dataclasses
+
+    from compsft.methods.base import LanguageData, MethodContext
+    from compsft.methods.spiel import METHOD
+
+    ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget(lang_steps=20))
+    data = LanguageData("mlt", [trained["root"] / "text.txt"])
+    METHOD.train_language(ctx, data, 0, tmp_path / "straight")
+    work = tmp_path / "work"
+    with pytest.raises(Interrupted):
+        METHOD.train_language(dataclasses.replace(ctx, work_dir=work, callbacks=[CrashAt(25)]), data, 0,
+                              tmp_path / "lang")
+    info = METHOD.train_language(dataclasses.replace(ctx, work_dir=work, resume=True), data, 0, tmp_path / "lang")
+    resumed = compsft.load(tmp_path / "lang")
+    assert str(resumed.config.training["phases"]["phase2"]["resumed_from"]).endswith("checkpoint-20")
+    assert info.extra["reselections"] == 1
+    assert_same_sft(compsft.load(tmp_path / "straight"), resumed)
+
+
 # -- source-dev model selection ---------------------------------------------------------------------
 class Snapshots(TrainerCallback):
     def __init__(self):
