@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -158,17 +160,195 @@ def test_exactly_k_after_every_reselection_and_dropped_entries_back_at_theta0(tm
 
 
 def test_optimizer_state_is_proportional_to_k(tmp_path):
+    from safetensors.torch import load_file
+
+    from compsft.training.spiel import SPIEL_STATE_FILE
+
     sizes = {}
     for k in (100, 400):
-        # Checkpoints asked for are turned off (SpIEL cannot resume from them).
         tuner, watch, _ = run_tuner(tmp_path / str(k), k=k, steps=4, reselection_steps=3, accumulation_steps=1,
                                     args={"save_strategy": "steps", "save_steps": 2})
-        assert not list((tmp_path / str(k)).rglob("checkpoint-*"))
+        # Besides the Trainer's files a checkpoint holds the support: K positions and K slots.
+        states = sorted((tmp_path / str(k)).rglob(SPIEL_STATE_FILE))
+        assert [p.parent.name for p in states] == ["checkpoint-2", "checkpoint-4"]
+        assert sum(t.numel() for t in load_file(states[-1]).values()) == 2 * k
         assert tuner.sft.config.training["mask_strategy"] == "spiel"
         heads = sum(p.numel() for n, p in tuner.model.named_parameters() if n.startswith("classifier."))
         assert set(watch.state_elements) == {2 * k + 2 * heads}   # exp_avg + exp_avg_sq of K values and heads
         sizes[k] = watch.state_elements[-1] - 2 * heads
     assert sizes[400] == 4 * sizes[100]
+
+
+# -- checkpoints and resume -------------------------------------------------------------------------
+RESUME_SPIEL = dict(reselection_steps=3, accumulation_steps=2, reselection_rate=0.5)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CrashAt(TrainerCallback):
+    """Ends a run as a kill would: at the end of step `step`, after the checkpoints of earlier steps."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted(self.step)
+
+
+def resumable_tuner(work, *, save_steps=None, callbacks=(), k=300, steps=12, **spiel):
+    torch.manual_seed(0)
+    model = BertForTokenClassification(tiny_config(num_labels=3))
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
+    return SpielTuner(model=model, args=training_args(work, learning_rate=5e-2, **saving), train_dataset=ToyTagging(),
+                      sft_args=SftArguments(sft_kind="task", k=k, sparse_ft_max_epochs=None, sparse_ft_max_steps=steps),
+                      spiel_args=SpielArguments(**{**RESUME_SPIEL, **spiel}), callbacks=list(callbacks))
+
+
+def assert_same_sft(a, b):
+    assert a.diffs.keys() == b.diffs.keys() and a.dense.keys() == b.dense.keys()
+    for name, d in a.diffs.items():
+        assert torch.equal(d.indices, b.diffs[name].indices), name
+        assert torch.equal(d.values, b.diffs[name].values), name
+    assert all(torch.equal(t, b.dense[n]) for n, t in a.dense.items())
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A 12-step run straight through, and the same run with checkpoints every 4 steps stopped after step 10.
+    Reselections come after steps 3, 6, 9, gradients accumulate in steps 2-3, 5-6, 8-9 (ToyTagging: 8 steps
+    an epoch), so the checkpoint due at step 8 falls in a window and is written at step 9."""
+    root = tmp_path_factory.mktemp("spiel-resume")
+    straight = resumable_tuner(root / "straight")
+    straight.train()
+    with pytest.raises(Interrupted):
+        resumable_tuner(root / "work", save_steps=4, callbacks=[CrashAt(10)]).train()
+    shutil.copytree(root / "work", root / "pristine")
+    return {"root": root, "straight": straight}
+
+
+def fresh_work(interrupted, tmp_path):
+    shutil.copytree(interrupted["root"] / "pristine", tmp_path / "work")
+    return tmp_path / "work"
+
+
+def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(interrupted, tmp_path):
+    from safetensors.torch import load_file
+
+    from compsft.training.masks import random_mask
+    from compsft.training.spiel import SPIEL_STATE_FILE
+
+    straight = interrupted["straight"]
+    work = fresh_work(interrupted, tmp_path)
+    assert sorted(p.name for p in (work / "phase2").iterdir()) == ["checkpoint-4", "checkpoint-9"]
+    # Checkpoint 9 comes after three reselections: its support is not the initial random one.
+    saved = load_file(work / "phase2" / "checkpoint-9" / SPIEL_STATE_FILE)
+    start = random_mask(straight._theta0, None, straight.k, seed=straight.sft_args.mask_seed)
+    assert any(not torch.equal(saved["indices/" + n], idx) for n, idx in start.items())
+    for checkpoint in ("checkpoint-9", "checkpoint-4"):
+        resumed = resumable_tuner(work, save_steps=4)
+        resumed.train(resume_from_checkpoint=True)
+        assert resumed.sft.config.training["phases"]["phase2"]["resumed_from"].endswith(checkpoint)
+        assert_same_sft(straight.sft, resumed.sft)
+        assert resumed.reselections == straight.reselections and len(resumed.reselections) == 3
+        assert resumed.sft.config.training["reselections"] == straight.sft.config.training["reselections"]
+        # Next: resume from the checkpoint before (after one reselection, before the epoch's end).
+        for later in ("checkpoint-12", "checkpoint-9"):
+            shutil.rmtree(work / "phase2" / later, ignore_errors=True)
+
+
+class SaveAt(TrainerCallback):
+    """Asks for a checkpoint at `step`, after SpIEL's callback has had its say (as a user's callback might)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+
+def test_a_checkpoint_forced_inside_an_accumulation_window_lands_at_its_end(tmp_path):
+    tuner = resumable_tuner(tmp_path / "work", steps=10)
+    tuner.add_callback(SaveAt(8))  # steps 8-9 accumulate for the reselection after step 9
+    tuner.train()
+    assert sorted(p.name for p in (tmp_path / "work" / "phase2").iterdir()) == ["checkpoint-9"]
+
+
+def test_resume_without_a_checkpoint_starts_afresh_and_equals_the_straight_run(interrupted, tmp_path):
+    tuner = resumable_tuner(tmp_path / "empty", save_steps=4)
+    tuner.train(resume_from_checkpoint=True)
+    assert tuner.sft.config.training["phases"]["phase2"]["resumed_from"] is None
+    assert_same_sft(interrupted["straight"].sft, tuner.sft)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _drop_values(path):
+    # The Trainer loads a model non-strictly: without a check this would resume with Δ = 0.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    del tensors["spiel_store.values"]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("spiel.safetensors", _truncate), ("spiel.safetensors", lambda p: p.unlink()),
+    ("model.safetensors", _truncate), ("model.safetensors", _drop_values), ("optimizer.pt", _flip),
+    ("optimizer.pt", _truncate),
+    ("rng_state.pth", _flip), ("trainer_state.json", lambda p: p.write_text("{")),
+])
+def test_a_damaged_checkpoint_file_is_a_clear_error_naming_it(interrupted, tmp_path, name, damage):
+    work = fresh_work(interrupted, tmp_path)
+    path = work / "phase2" / "checkpoint-9" / name
+    damage(path)
+    tuner = resumable_tuner(work, save_steps=4)
+    with pytest.raises(CompsftError, match=re.escape(str(path))):
+        tuner.train(resume_from_checkpoint=True)
+    assert tuner.store is None  # detached again: the model is usable
+
+
+def test_a_checkpoint_state_that_does_not_fit_is_refused(interrupted, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers.trainer_utils import SaveStrategy
+
+    work = fresh_work(interrupted, tmp_path)
+    with pytest.raises(CompsftError, match="K=300"):
+        resumable_tuner(work, save_steps=4, k=200).train(resume_from_checkpoint=True)
+    with pytest.raises(CompsftError, match="from a SpIEL run with K=300, .*'reselection_steps': 3"):
+        resumable_tuner(work, save_steps=4, reselection_steps=4).train(resume_from_checkpoint=True)
+    # Slots given twice (a file written by something else, or damaged past its header).
+    path = work / "phase2" / "checkpoint-9" / "spiel.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    name = next(n for n, t in tensors.items() if n.startswith("slots/") and t.numel() > 1)
+    tensors[name][1] = tensors[name][0]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CompsftError, match="slots are not each"):
+        resumable_tuner(work, save_steps=4).train(resume_from_checkpoint=True)
+    save_file(load_file(path), str(path), metadata={**meta, "reselections": "{"})
+    with pytest.raises(CompsftError, match=f"{re.escape(str(path))}: unreadable SpIEL checkpoint state"):
+        resumable_tuner(work, save_steps=4).train(resume_from_checkpoint=True)
+    with pytest.raises(CompsftError, match="pass True"):
+        resumable_tuner(work).train(resume_from_checkpoint=str(work))
+    tuner = resumable_tuner(work)
+    tuner.args.save_strategy = SaveStrategy.BEST
+    with pytest.raises(CompsftError, match="best"):
+        tuner.train()
 
 
 # -- the recipe and composition with an LT-SFT language SFT ------------------------------------------
@@ -266,6 +446,54 @@ def test_spiel_methods_through_the_four_calls(trained, tmp_path):
     finally:
         unregister_method("lt-sft")
     assert len(calls) == 1
+
+
+def test_spiel_task_module_resumes_an_interrupted_training_in_the_harness_work_dir(trained, tmp_path):
+    """As the comparison harness runs it: checkpoints in `work_dir` at LT-SFT's interval (20 steps here, of
+    40), killed after step 25, then `resume=True` continues from checkpoint-20 (right after the reselection
+    at step 20) and writes the module, dev-selected state included, an uninterrupted run writes."""
+    import dataclasses
+
+    from compsft.methods.base import DEV_SELECTED, MethodContext, TaskData
+    from compsft.methods.spiel import METHOD
+
+    data = TaskData("pos", trained["train"], dev=trained["train"])
+    ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget(task_steps=20, dev_checks=2, dev_sentences=8))
+    source = trained["root"] / "lang"
+    METHOD.train_task(ctx, data, source, 0, tmp_path / "straight")
+    work = tmp_path / "work"
+    crashing = dataclasses.replace(ctx, work_dir=work, callbacks=[CrashAt(25)])
+    with pytest.raises(Interrupted):
+        METHOD.train_task(crashing, data, source, 0, tmp_path / "task")
+    assert sorted(p.name for p in (work / "phase2").iterdir()) == ["checkpoint-20"]
+    assert not (tmp_path / "task").exists()
+    info = METHOD.train_task(dataclasses.replace(ctx, work_dir=work, resume=True), data, source, 0, tmp_path / "task")
+    assert info.extra["reselections"] == 1 and info.extra["moved"] > 0
+    resumed, straight = compsft.load(tmp_path / "task"), compsft.load(tmp_path / "straight")
+    assert str(resumed.config.training["phases"]["phase2"]["resumed_from"]).endswith("checkpoint-20")
+    assert_same_sft(straight, resumed)
+    assert_same_sft(compsft.load(tmp_path / "straight" / DEV_SELECTED), compsft.load(tmp_path / "task" / DEV_SELECTED))
+
+
+def test_spiel_language_module_resumes_an_interrupted_training(trained, tmp_path):
+    """The MLM path (dynamic masking by ResumableMlmCollator): killed after step 25, resumed from checkpoint-20."""
+    import dataclasses
+
+    from compsft.methods.base import LanguageData, MethodContext
+    from compsft.methods.spiel import METHOD
+
+    ctx = MethodContext(model_dir=trained["model"], budget=tiny_budget(lang_steps=20))
+    data = LanguageData("mlt", [trained["root"] / "text.txt"])
+    METHOD.train_language(ctx, data, 0, tmp_path / "straight")
+    work = tmp_path / "work"
+    with pytest.raises(Interrupted):
+        METHOD.train_language(dataclasses.replace(ctx, work_dir=work, callbacks=[CrashAt(25)]), data, 0,
+                              tmp_path / "lang")
+    info = METHOD.train_language(dataclasses.replace(ctx, work_dir=work, resume=True), data, 0, tmp_path / "lang")
+    resumed = compsft.load(tmp_path / "lang")
+    assert str(resumed.config.training["phases"]["phase2"]["resumed_from"]).endswith("checkpoint-20")
+    assert info.extra["reselections"] == 1
+    assert_same_sft(compsft.load(tmp_path / "straight"), resumed)
 
 
 # -- source-dev model selection ---------------------------------------------------------------------

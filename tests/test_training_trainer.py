@@ -194,3 +194,32 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
             (d / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
     assert last_complete_checkpoint(tmp_path / "checkpoint-30") is None
+
+
+def test_check_checkpoint_names_the_missing_or_damaged_file(tmp_path):
+    import re
+
+    from safetensors.torch import save_file
+
+    from compsft.training.trainer import check_checkpoint
+
+    d = tmp_path / "checkpoint-4"
+    d.mkdir()
+    with pytest.raises(CompsftError, match=re.escape(f"{d}: no model weights")):
+        check_checkpoint(d)
+    save_file({"w": torch.zeros(3)}, str(d / "model.safetensors"))
+    (d / "trainer_state.json").write_text("{}")
+    with pytest.raises(CompsftError, match=re.escape(f"{d / 'optimizer.pt'}: missing")):
+        check_checkpoint(d, ["optimizer.pt"])
+    torch.save({"state": {0: {"exp_avg": torch.arange(100.0)}}}, d / "optimizer.pt")
+    check_checkpoint(d, ["optimizer.pt"])
+    # torch.load would read this back without complaint; the zip members' CRCs do not match.
+    data = bytearray((d / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "optimizer.pt").write_bytes(bytes(data))
+    with pytest.raises(CompsftError, match=re.escape(f"{d / 'optimizer.pt'}: unreadable checkpoint file")):
+        check_checkpoint(d, ["optimizer.pt"])
+    (d / "optimizer.pt").unlink()
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-4])
+    with pytest.raises(CompsftError, match=re.escape(f"{d / 'model.safetensors'}: unreadable checkpoint file")):
+        check_checkpoint(d)

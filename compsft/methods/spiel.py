@@ -11,6 +11,9 @@ methods) with a SpIEL task SFT trained on top of the source LT-SFT language SFT.
 Composition, as LT-SFT's: both are ordinary SFTs, θ0 + φ_L(target) + φ_T by `compsft.apply`, the
 MLM head never, the task head from φ_T.
 
+Checkpoints and resume as LT-SFT's: in the harness's work directory, at the same interval in steps;
+an interrupted module continues from its last checkpoint (`SpielTuner` checkpoints the moving support).
+
 Model selection on source dev data (`budget.dev_checks`): task modules score the dev set that many times
 over their one phase and write the state at the best check into ``dev-selected`` — each tensor's active
 positions *and* values (`spiel_snapshot`), since the support moves between checks.
@@ -52,9 +55,11 @@ def module_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
 
 
-def _common(ctx: MethodContext, seed: int, out: Path) -> dict:
-    return {"seed": seed, "cpu": ctx.device == "cpu", "callbacks": list(ctx.callbacks),
-            "work_dir": Path(ctx.work_dir) if ctx.work_dir else out.with_name(out.name + ".work")}
+def _common(ctx: MethodContext, seed: int, out: Path, kind: str) -> dict:
+    # LT-SFT's: checkpoints in the harness's work directory at its interval, resumed when it says so.
+    from .common import training_kwargs, work_dir
+
+    return {**training_kwargs(ctx, seed, kind), "work_dir": work_dir(ctx, out)}
 
 
 def _info(tuner, out: Path, t0: float) -> ModuleInfo:
@@ -77,7 +82,7 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path)
         tuner = train_spiel_sft("language", ctx.model_dir, data.code, tmp, text=list(data.texts),
                                 exclude=list(data.exclude), density=b.lang_density, steps=language_steps(ctx),
                                 lr=b.lang_lr, batch_size=b.lang_batch, max_length=b.lang_max_length,
-                                max_lines=b.lang_lines, **_common(ctx, seed, out))
+                                max_lines=b.lang_lines, **_common(ctx, seed, out, "language"))
     return _info(tuner, out, t0)
 
 
@@ -89,7 +94,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
     from .common import dev_selection
 
     b = ctx.budget
-    common = _common(ctx, seed, out)
+    common = _common(ctx, seed, out, "task")
     # One phase, so selection is active throughout (not only when phase-2 values are attached).
     selection = dev_selection(ctx, data, common["work_dir"], sparse=False, snapshot=spiel_snapshot)
     if selection is not None:

@@ -27,12 +27,26 @@ gradient ḡ = Σ g / A (A accumulation steps) as the moments an entry would hav
 (t = the optimizer's step count) of constant gradient ḡ: ``exp_avg = (1 − β1^t) ḡ`` and
 ``exp_avg_sq = (1 − β2^t) ḡ²``; after Adam's bias correction its next update is ``lr · sign(ḡ)``,
 the size of Adam's very first step. Other optimizer state of the slot is zeroed.
+
+Checkpoints and resume: the values vector and Adam's moments have the constant shape (K,) and are
+indexed by slot, so the Trainer's own checkpoint files hold them (``model.safetensors``,
+``optimizer.pt``), with the heads, the step, the schedule and the RNG states. What moves is the
+support: ``spiel.safetensors`` in the same ``phase2/checkpoint-N`` folder holds each tensor's active
+positions and their slots (int64, 16 bytes per active entry) and, in its JSON metadata, K, the
+settings and the reselections so far. On resume it is read, checked and put in place before the
+Trainer loads values and moments into the slots. The reselection schedule is a function of the step
+and draws no random numbers, so nothing else is needed: a resumed run ends bit for bit where an
+uninterrupted one does. The dense accumulators are never checkpointed: a checkpoint due inside an
+accumulation window is written at the window's end, right after the reselection that empties them
+(at most ``accumulation_steps − 1`` steps later).
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,13 +56,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import TrainerCallback
-from transformers.trainer_utils import SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from ..errors import CompsftError
 from ..sft import SparseDelta, SparseFineTuning, index_dtype
 from .masks import random_mask
 from .selection import select_top_k
-from .trainer import HEADS_FILE, SparseFineTuner
+from .trainer import HEADS_FILE, MODEL_FILES, SparseFineTuner, check_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +283,92 @@ def spiel_snapshot(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+#: SpIEL's part of a checkpoint, next to the Trainer's files in ``phase2/checkpoint-N``
+SPIEL_STATE_FILE = "spiel.safetensors"
+_STATE_FORMAT = "compsft-spiel-state"
+
+
+def save_spiel_state(path: Path, store: SpielStore, spiel_args: SpielArguments, reselections: list[dict],
+                     step: int) -> None:
+    """Write the support of `store` (per tensor: sorted active positions and their slots in the shared
+    values vector; 16 bytes per active entry) and the reselection record, atomically, as safetensors
+    with JSON metadata. The values and Adam's moments are slot-indexed, so the Trainer's own model
+    and optimizer files hold them; with the slots they give each tensor's Δ and moments back."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_path
+
+    tensors = {}
+    for name, part in store.parts.items():
+        tensors[f"indices/{name}"] = part.indices.detach().to("cpu", torch.int64).contiguous()
+        tensors[f"slots/{name}"] = part.slots.detach().to("cpu", torch.int64).contiguous()
+    meta = {"format": _STATE_FORMAT, "version": "1", "k": str(store.k), "step": str(step),
+            "spiel": json.dumps(asdict(spiel_args)), "numels": json.dumps(store.numels),
+            "reselections": json.dumps(reselections)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_spiel_state(path: Path, store: SpielStore, spiel_args: SpielArguments
+                     ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[dict]]:
+    """Read and check a `save_spiel_state` file against this run: returns ``{name: (indices, slots)}``
+    for every tensor of `store` and the reselections so far. Any problem is a `CompsftError` naming
+    the file (a checkpoint is the run's own output, but disks fill up and runs get mixed up)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+        if meta.get("format") != _STATE_FORMAT or meta.get("version") != "1":
+            raise ValueError(f"not a SpIEL checkpoint state (format {meta.get('format')!r}, "
+                             f"version {meta.get('version')!r})")
+        k, saved_args = int(meta["k"]), json.loads(meta["spiel"])
+        numels, reselections = json.loads(meta["numels"]), json.loads(meta["reselections"])
+        if not isinstance(reselections, list) or not isinstance(numels, dict):
+            raise ValueError("malformed metadata (reselections, numels)")
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise CompsftError(f"{path}: unreadable SpIEL checkpoint state ({type(err).__name__}: {err}); "
+                           f"delete {path.parent} to resume from the checkpoint before it") from err
+    if k != store.k or saved_args != asdict(spiel_args) or numels != store.numels:
+        raise CompsftError(f"{path}: from a SpIEL run with K={k}, {saved_args} on other tensors or settings than "
+                           f"this one (K={store.k}, {asdict(spiel_args)}); use another --out or drop --resume")
+    support, all_slots = {}, []
+    for name, numel in store.numels.items():
+        idx, slots = tensors.get(f"indices/{name}"), tensors.get(f"slots/{name}")
+        ok = (idx is not None and slots is not None and idx.dtype == slots.dtype == torch.int64
+              and idx.dim() == slots.dim() == 1 and idx.numel() == slots.numel())
+        ok = ok and (idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < numel
+                                          and idx.unique().numel() == idx.numel()))
+        if not ok:
+            raise CompsftError(f"{path}: bad or missing indices/slots of tensor {name!r}")
+        support[name] = (idx, slots)
+        all_slots.append(slots)
+    if not torch.equal(torch.sort(torch.cat(all_slots)).values, torch.arange(store.k)):
+        raise CompsftError(f"{path}: the slots are not each of the K={store.k} values exactly once")
+    _check_values_saved(path.parent, store.k)
+    return support, reselections
+
+
+def _check_values_saved(checkpoint: Path, k: int) -> None:
+    # The Trainer loads the model non-strictly: without this, a checkpoint lacking the values would
+    # resume with Δ = 0 on the restored support, silently.
+    from safetensors import safe_open
+
+    weights = checkpoint / MODEL_FILES[0]
+    if not weights.is_file():
+        return  # another layout (sharded, .bin): the Trainer's own checks apply
+    key = f"{SpielStore.ATTR}.values"
+    with safe_open(str(weights), framework="pt") as f:
+        shape = f.get_slice(key).get_shape() if key in f.keys() else None
+    if shape != [k]:
+        raise CompsftError(f"{weights}: no SpIEL values {key} of shape [{k}] (found {shape})")
+
+
 class _SpielCallback(TrainerCallback):
-    """Turns accumulation on before the steps that feed a reselection, and reselects after step R·j."""
+    """Turns accumulation on before the steps that feed a reselection, reselects after step R·j, and
+    moves a checkpoint due inside an accumulation window to the window's end (the reselection)."""
 
     def __init__(self, tuner: "SpielTuner") -> None:
         self.tuner = tuner
@@ -287,6 +385,20 @@ class _SpielCallback(TrainerCallback):
         store.count_step()
         if self.tuner.spiel_args.reselects(state.global_step, state.max_steps):
             self.tuner.reselect(state.global_step, state.max_steps, optimizer)
+        self._defer_save(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.tuner.store is not None:
+            self._defer_save(control)
+
+    def _defer_save(self, control) -> None:
+        # Runs after DefaultFlowCallback has decided whether to save at this step.
+        if self.tuner.store.accumulators:
+            if control.should_save:
+                control.should_save = False
+                self.tuner._save_pending = True
+        elif self.tuner._save_pending:
+            control.should_save = True
 
 
 class SpielTuner(SparseFineTuner):
@@ -312,23 +424,30 @@ class SpielTuner(SparseFineTuner):
         self.spiel_args = spiel_args or SpielArguments()
         self.store: SpielStore | None = None
         self.reselections: list[dict] = []
+        self._save_pending = False  # a checkpoint was due inside an accumulation window
         self.add_callback(_SpielCallback(self))
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Train the K moving entries and the heads; afterwards `self.sft` holds the result, applied."""
-        if resume_from_checkpoint:
-            # The support changes shape per tensor, which the Trainer's checkpoints cannot restore.
-            logger.warning("SpIEL does not resume: training again from the start")
-        if self.args.save_strategy != SaveStrategy.NO:
-            logger.info("SpIEL writes no checkpoints (it cannot resume from them)")
-            self.args.save_strategy = SaveStrategy.NO
+        """Train the K moving entries and the heads; afterwards `self.sft` holds the result, applied.
+
+        `resume_from_checkpoint=True` continues an interrupted run from the last complete checkpoint in
+        `args.output_dir` (``phase2/checkpoint-N``); without one it starts from the beginning.
+        """
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            raise CompsftError("SpielTuner resumes from its work directory (args.output_dir): pass True")
+        if self.args.save_strategy == SaveStrategy.BEST:
+            # A checkpoint must not fall inside an accumulation window (see _save_checkpoint).
+            raise CompsftError("SpIEL checkpoints by steps or epochs, not save_strategy='best'")
+        resume = bool(resume_from_checkpoint)
         work = Path(self.args.output_dir)
-        self._init_heads(work / HEADS_FILE, False)
+        self._init_heads(work / HEADS_FILE, resume)
         masks = random_mask(self._theta0, None, self.k, seed=self.sft_args.mask_seed)
         dtype = next(iter(self._theta0.values())).dtype
         self.store = SpielStore(self.model, masks, dtype)
+        self.reselections, self._save_pending = [], False
         try:
-            out = self._run_phase(2, work, False, trial, ignore_keys_for_eval)
+            # On resume, _prepare_resume puts the checkpoint's support in place of the initial one.
+            out = self._run_phase(2, work, resume, trial, ignore_keys_for_eval)
             heads = {n: p.detach().clone() for n, p in self._named(self._head_names).items()}
         finally:
             masks, values = self.store.detach(self.model)
@@ -343,6 +462,38 @@ class SpielTuner(SparseFineTuner):
             "reselections": self.reselections,
         })
         return out
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (step, θ0 and the K values, the heads, Adam's moments of both, the
+        schedule, the RNG states) plus `SPIEL_STATE_FILE`, written before the Trainer's
+        ``trainer_state.json`` so that a checkpoint counted complete has it."""
+        store = self.store
+        if store is not None and store.accumulators:
+            # The dense accumulators are not checkpointed (they would double a checkpoint's size):
+            # the callback saves at the window's end instead. Only a save forced past it lands here.
+            logger.info("SpIEL: checkpoint at step %d moved to the end of the accumulation window",
+                        self.state.global_step)
+            self._save_pending = True
+            return
+        if store is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_spiel_state(folder / SPIEL_STATE_FILE, store, self.spiel_args, self.reselections,
+                             self.state.global_step)
+        self._save_pending = False
+        super()._save_checkpoint(model, trial)
+
+    def _prepare_resume(self, checkpoint: Path) -> None:
+        """Check the checkpoint's files, then put its support (each tensor's indices and slots) in
+        place, before the Trainer loads the values and Adam's moments into the slots."""
+        required = [SPIEL_STATE_FILE] + ([] if self.args.save_only_model else ["optimizer.pt", "scheduler.pt"])
+        check_checkpoint(checkpoint, required)
+        support, self.reselections = load_spiel_state(checkpoint / SPIEL_STATE_FILE, self.store, self.spiel_args)
+        for name, (indices, slots) in support.items():
+            part = self.store.parts[name]
+            part.indices, part.slots = indices.to(part.indices.device), slots.to(part.slots.device)
+        logger.info("SpIEL: resuming with the support of %s (%d reselections so far)", checkpoint,
+                    len(self.reselections))
 
     def sft_from_snapshot(self, snapshot: Mapping[str, Tensor], summary: dict | None = None):
         """The SFT of a `spiel_snapshot` taken during training (source-dev selection), with this run's
@@ -401,7 +552,5 @@ def train_spiel_sft(kind: str, *args, steps: tuple = (None, 200, 200), spiel_arg
     for name in ("phase1", "phase2", "l1"):
         if name in kwargs:
             raise CompsftError(f"train_spiel_sft takes `steps`, not {name!r} (SpIEL has one phase, no L1)")
-    # No checkpoints (SpielTuner turns them off too): the support's shape per tensor changes.
-    kwargs["save_steps"] = 0
     tuner = partial(SpielTuner, spiel_args=spiel_args or SpielArguments())
     return recipes[kind](*args, phase1=(None, None, None), phase2=steps, l1=0.0, tuner=tuner, **kwargs)

@@ -20,7 +20,8 @@ The result (`self.sft`) is θ2 − θ0 on the mask plus the heads, dense; afterw
 Work directory (`args.output_dir`): ``phase1/`` and ``phase2/`` hold the Trainer's checkpoints,
 ``heads0.safetensors`` the heads' initial values, ``mask.safetensors`` the mask once phase 1 is
 done. `train(resume_from_checkpoint=True)` continues from there: in phase 1 from its last
-checkpoint, or, once the mask exists, in phase 2 with the same mask.
+checkpoint, or, once the mask exists, in phase 2 with the same mask. A checkpoint's files are
+checked first (`check_checkpoint`): a missing or damaged one is an error naming it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import Trainer
@@ -64,6 +66,48 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     if not done:
         return None
     return str(max(done)[1])
+
+
+#: the model's weights in a checkpoint, in any of the layouts `Trainer.save_model` writes
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_checkpoint(folder: str | os.PathLike, required: Sequence[str] = ()) -> None:
+    """Raise a `CompsftError` naming the first file of checkpoint `folder` that is missing or unreadable.
+
+    The Trainer would otherwise fail with a library traceback, or worse, resume quietly without a
+    missing optimizer file. `required`: names that must be there besides the Trainer's state and the
+    model's weights. Checked without unpickling anything: JSON is parsed, safetensors headers are
+    read (a truncated file fails there; its tensor data has no checksum), and torch's zip files
+    (``*.pt``, ``*.pth``, ``*.bin``) have every member's CRC verified, which torch.load does not do.
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    hint = f"delete {folder} to resume from the checkpoint before it"
+    if not any((folder / name).is_file() for name in MODEL_FILES):
+        raise CompsftError(f"{folder}: no model weights ({MODEL_FILES[0]}); {hint}")
+    for name in ("trainer_state.json", *required):
+        if not (folder / name).is_file():
+            raise CompsftError(f"{folder / name}: missing; {hint}")
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    f.metadata()
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    raise ValueError(f"member {bad} fails its CRC check")
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as err:
+            raise CompsftError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {err}); {hint}") from err
 
 
 class SparseFineTuner(Trainer):
@@ -204,6 +248,8 @@ class SparseFineTuner(Trainer):
         self.optimizer, self.lr_scheduler = None, None
         self.model_wrapped = self.model
         self._phase = phase
+        if checkpoint:
+            self._prepare_resume(Path(checkpoint))
         # Each phase starts from a known RNG state, so a resumed phase 2 matches an uninterrupted one.
         set_seed(args.seed + phase)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -220,6 +266,12 @@ class SparseFineTuner(Trainer):
             "train_loss": round(float(out.training_loss), 5), "resumed_from": checkpoint,
         }
         return out
+
+    def _prepare_resume(self, checkpoint: Path) -> None:
+        """Before the Trainer resumes from `checkpoint`: check its files (a subclass also puts back what
+        the Trainer does not restore itself)."""
+        required = [] if self.args.save_only_model else ["optimizer.pt", "scheduler.pt"]
+        check_checkpoint(checkpoint, required)
 
     # -- L1 and logging ---------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
