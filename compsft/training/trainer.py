@@ -106,7 +106,7 @@ def check_checkpoint(folder: str | os.PathLike, required: Sequence[str] = ()) ->
                     bad = z.testzip()
                 if bad is not None:
                     raise ValueError(f"member {bad} fails its CRC check")
-        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as err:
+        except (OSError, ValueError, RecursionError, zipfile.BadZipFile, SafetensorError) as err:
             raise CompsftError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {err}); {hint}") from err
 
 
