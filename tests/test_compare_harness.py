@@ -28,8 +28,10 @@ CALLS: Counter = Counter()
 
 
 def fake_method(name: str, *, language: bool = True, language_key: str = "", task_key: str = "",
-                uses_target_language: bool = True, fail_on: str | None = None, sleep: float = 0.0):
-    """A MethodSpec that trains nothing. `fail_on`: assembling for that target raises."""
+                uses_target_language: bool = True, fail_on: str | None = None, sleep: float = 0.0,
+                selected_step: int | None = None):
+    """A MethodSpec that trains nothing. `fail_on`: assembling for that target raises. `selected_step`: the
+    task module records a dev selection at that step of 3."""
     from compsft.methods import DEV_SELECTED, MethodSpec, ModuleInfo
 
     def train_language(ctx, data, seed, out):
@@ -51,7 +53,10 @@ def fake_method(name: str, *, language: bool = True, language_key: str = "", tas
         if ctx.budget.dev_checks:
             (out / DEV_SELECTED).mkdir()
             (out / DEV_SELECTED / "labels.json").write_text(json.dumps(labels))
-        return ModuleInfo(trainable=1000, stored_bytes=4000, seconds=1.5, extra={"labels": len(labels)})
+        extra = {"labels": len(labels)}
+        if selected_step is not None:
+            extra["dev_selected"] = {"metric": "accuracy", "step": selected_step, "score": 0.5, "of_steps": 3}
+        return ModuleInfo(trainable=1000, stored_bytes=4000, seconds=1.5, extra=extra)
 
     def assemble(ctx, task_dir, language_dir):
         import torch
@@ -170,6 +175,27 @@ def test_methods_with_the_same_key_share_modules(model_dir, tmp_path):
     assert cells["fake-a", "wol"]["modules"] == cells["fake-b", "wol"]["modules"]
     # the same modules and the same (deterministic) assembly: the same scores
     assert cells["fake-a", "wol"]["metrics"] == cells["fake-b", "wol"]["metrics"]
+
+
+def test_a_selection_of_the_final_step_reuses_the_fixed_score(model_dir, tmp_path):
+    """Dev selection that kept the last step selected the fixed module itself: scored once, not twice."""
+    from compsft.methods import register_method, unregister_method
+
+    register_method(fake_method("fake-final", language=False, selected_step=3))
+    register_method(fake_method("fake-early", language=False, selected_step=2))
+    try:
+        results = run(config(model_dir, tmp_path / "cmp", methods=["fake-final", "fake-early"], seeds=1))
+    finally:
+        unregister_method("fake-final")
+        unregister_method("fake-early")
+    assert CALLS[("assemble", "fake-final")] == 2 and CALLS[("assemble", "fake-early")] == 4  # two targets
+    cells = {(c["method"], c["target"]): c for c in results["cells"]}
+    for target in ("wol", "mlt"):
+        final, early = cells["fake-final", target], cells["fake-early", target]
+        assert final["dev_selected_is_final"] and not early["dev_selected_is_final"]
+        assert final["metrics"]["dev_selected"] == final["metrics"]["fixed"]
+        # the early selection is another module (the fake's assembly depends on its directory): another score
+        assert early["metrics"]["dev_selected"] != early["metrics"]["fixed"]
 
 
 def test_language_modules_get_text_and_the_evaluation_files_to_exclude(model_dir, tmp_path):

@@ -3,7 +3,8 @@
 For each cell the runner makes sure the method's modules exist (source language module, task module,
 target language module; trained once, see `grid.py`), asks the method to assemble the model for the
 target, evaluates it on the target's test set (and the module selected on source dev, when the budget
-asks for model selection), and writes the cell's JSON atomically. A cell whose file exists is never
+asks for model selection; when the selection kept the final step, that module is the fixed one and its
+score is reused, `dev_selected_is_final` in the cell), and writes the cell's JSON atomically. A cell whose file exists is never
 recomputed; a failing cell is recorded with its error and the grid goes on; an interrupted module resumes
 from its checkpoints (`MethodContext.resume` with the module's `work_dir`).
 
@@ -139,10 +140,17 @@ class GridRunner:
             target_dir = self._language_module(spec, target.language, seed, times, modules, "target_language")
         metrics = {"fixed": self._evaluate(spec, task_dir, target_dir, target, times, "fixed"), "dev_selected": None}
         selected = task_dir / DEV_SELECTED
+        selected_is_final = False
         if self.grid.budget.dev_checks > 0 and selected.is_dir():
-            metrics["dev_selected"] = self._evaluate(spec, selected, target_dir, target, times, "dev-selected")
+            if _selected_final_step(modules["task"]):
+                # The best check was the last step: the dev-selected module is the fixed one, already scored.
+                selected_is_final = True
+                metrics["dev_selected"] = dict(metrics["fixed"])
+            else:
+                metrics["dev_selected"] = self._evaluate(spec, selected, target_dir, target, times, "dev-selected")
         used = [k for k in ("task", "target_language") if k in modules]  # what the target's model holds
-        return {"metrics": metrics, "modules": modules, "test_sentences": len(self._test_set(target)),
+        return {"metrics": metrics, "dev_selected_is_final": selected_is_final, "modules": modules,
+                "test_sentences": len(self._test_set(target)),
                 "trainable": sum(modules[k]["trainable"] for k in used),
                 "stored_bytes": sum(modules[k]["stored_bytes"] for k in used),
                 "module_seconds": round(sum(m["seconds"] for m in modules.values()), 3)}
@@ -243,6 +251,12 @@ class GridRunner:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.grid.model_dir)
         return self._tokenizer
+
+
+def _selected_final_step(task_module: dict[str, Any]) -> bool:
+    """Whether the task module's dev selection kept its final step (then the selected state is the final one)."""
+    sel = (task_module.get("extra") or {}).get("dev_selected")
+    return isinstance(sel, dict) and sel.get("step") is not None and sel.get("step") == sel.get("of_steps")
 
 
 def _relative(path: Path, root: Path) -> str:
