@@ -16,8 +16,9 @@ step counts per phase, one-phase methods (full fine-tuning) their sum, so all se
     is the budget meant to keep the default grid of `compare` at about an hour on 2 cores**: the default grid
     (POS; lt-sft, task-sft-only, full-ft; wol and mlt; 3 seeds) trains per seed 3 language modules (eng,
     wol, mlt), one task SFT shared by lt-sft and task-sft-only and one full fine-tuning of as many steps,
-    plus 6 evaluations: 1,000 s and 1,085 s of modules for seeds 43 and 44, ≈ 19–20 min per seed with the
-    evaluations, 58–62 min for the grid (the sum of measured parts, not a timed run of the whole grid).
+    plus 6 cells of one evaluation each (a dev selection that kept the last step is not scored again):
+    1,000 s and 1,085 s of modules for seeds 43 and 44, ≈ 18–19 min per seed with the evaluations,
+    54–58 min for the grid (the sum of measured parts, not a timed run of the whole grid).
 ``paper``
     The paper's budgets (Ansell et al. 2022, as the reference code runs them): language phases of 100
     epochs with at least 10k and at most 100k steps, task phases of 3 and 10 epochs, batch 8, length 256,
