@@ -223,3 +223,20 @@ def test_check_checkpoint_names_the_missing_or_damaged_file(tmp_path):
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-4])
     with pytest.raises(CompsftError, match=re.escape(f"{d / 'model.safetensors'}: unreadable checkpoint file")):
         check_checkpoint(d)
+
+
+def test_lt_sft_resume_checks_the_checkpoint_files_first(tmp_path):
+    """An LT-SFT run resumed from a checkpoint whose optimizer state is gone stops with an error naming the
+    file, instead of going on quietly with a fresh optimizer."""
+    import re
+
+    def tuner():
+        sft_args = SftArguments(k=300, full_ft_max_steps=4, sparse_ft_max_steps=4)
+        args = training_args(tmp_path / "work", save_strategy="steps", save_steps=2)
+        return SparseFineTuner(model=tagger(), args=args, train_dataset=ToyTagging(), sft_args=sft_args)
+
+    tuner().train()
+    last = tmp_path / "work" / "phase2" / "checkpoint-4"
+    (last / "optimizer.pt").unlink()
+    with pytest.raises(CompsftError, match=re.escape(f"{last / 'optimizer.pt'}: missing")):
+        tuner().train(resume_from_checkpoint=True)
