@@ -1,12 +1,12 @@
 """Running a grid: cells (method × target × seed) in order, modules trained on demand and cached.
 
-For each cell the runner makes sure the method's modules exist (source language module, task module,
-target language module; trained once, see `grid.py`), asks the method to assemble the model for the
-target, evaluates it on the target's test set (and the module selected on source dev, when the budget
-asks for model selection; when the selection kept the final step, that module is the fixed one and its
-score is reused, `dev_selected_is_final` in the cell), and writes the cell's JSON atomically. A cell whose file exists is never
-recomputed; a failing cell is recorded with its error and the grid goes on; an interrupted module resumes
-from its checkpoints (`MethodContext.resume` with the module's `work_dir`).
+For each cell the runner makes sure the method's modules exist (source language module, task module, target
+language module; trained once, see `grid.py`), asks the method to assemble the model for the target, evaluates
+it on the target's test set (and the module selected on source dev, when the budget asks for model selection;
+when the selection kept the final step, that module is the fixed one and its score is reused,
+`dev_selected_is_final` in the cell), and writes the cell's JSON atomically. A cell whose file exists is never
+recomputed; a failing cell is recorded with its error and the grid goes on; an interrupted module resumes from
+its checkpoints (`MethodContext.resume` with the module's `work_dir`).
 
 Times per cell: `train_seconds` (modules trained during this cell), `assemble_seconds`,
 `evaluate_seconds`, and `overhead_seconds`: the cell's wall time minus those three, i.e. the harness's
@@ -140,14 +140,13 @@ class GridRunner:
             target_dir = self._language_module(spec, target.language, seed, times, modules, "target_language")
         metrics = {"fixed": self._evaluate(spec, task_dir, target_dir, target, times, "fixed"), "dev_selected": None}
         selected = task_dir / DEV_SELECTED
-        selected_is_final = False
-        if self.grid.budget.dev_checks > 0 and selected.is_dir():
-            if _selected_final_step(modules["task"]):
-                # The best check was the last step: the dev-selected module is the fixed one, already scored.
-                selected_is_final = True
-                metrics["dev_selected"] = dict(metrics["fixed"])
-            else:
-                metrics["dev_selected"] = self._evaluate(spec, selected, target_dir, target, times, "dev-selected")
+        has_selection = self.grid.budget.dev_checks > 0 and selected.is_dir()
+        # When the best check was the last step, the dev-selected module is the fixed one, already scored.
+        selected_is_final = has_selection and _selected_final_step(modules["task"])
+        if selected_is_final:
+            metrics["dev_selected"] = dict(metrics["fixed"])
+        elif has_selection:
+            metrics["dev_selected"] = self._evaluate(spec, selected, target_dir, target, times, "dev-selected")
         used = [k for k in ("task", "target_language") if k in modules]  # what the target's model holds
         return {"metrics": metrics, "dev_selected_is_final": selected_is_final, "modules": modules,
                 "test_sentences": len(self._test_set(target)),

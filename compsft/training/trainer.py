@@ -69,7 +69,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 
 
 #: the model's weights in a checkpoint, in any of the layouts `Trainer.save_model` writes
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
 
 
 def check_checkpoint(folder: str | os.PathLike, required: Sequence[str] = ()) -> None:
