@@ -281,6 +281,25 @@ def test_dev_selection_keeps_the_best_snapshot(tmp_path):
     assert [s for s, _ in again.history] == [3, 6, 9]
 
 
+def test_dev_selection_scores_a_spread_of_the_dev_set(world, tmp_path, monkeypatch):
+    """`dev_sentences` of a budget picks sentences spread over the dev file, not its first ones: a prefix of
+    EWT's NER dev set holds no PER entity at all."""
+    import dataclasses
+
+    from compsft.methods.common import dev_selection
+    from compsft.training import dev_selection as core
+    from compsft.training.dev_selection import dev_subset
+
+    assert dev_subset(range(10), 3) == [0, 3, 6] and dev_subset(range(10), 5) == [0, 2, 4, 6, 8]
+    assert dev_subset(range(4), None) == dev_subset(range(4), 0) == dev_subset(range(4), 9) == [0, 1, 2, 3]
+    seen = {}
+    monkeypatch.setattr(core, "dev_scorer", lambda spec, tok, sentences, **kw: seen.setdefault("s", sentences))
+    ctx = dataclasses.replace(world["ctx"], budget=dataclasses.replace(BUDGET, dev_sentences=3))
+    dev_selection(ctx, world["data"], tmp_path, sparse=True)
+    every = get_task("pos").read(world["data"].dev)
+    assert len(every) == 8 and seen["s"] == [every[0], every[2], every[5]]
+
+
 # -- full fine-tuning --------------------------------------------------------------------------------
 def test_train_full_ft_saves_a_loadable_model(world, tmp_path):
     from transformers import AutoTokenizer

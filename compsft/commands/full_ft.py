@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
                                        help="Score --dev this many times during training and also save the best "
                                             "model by dev score into OUT/dev-selected."),
         dev_max_sentences: Optional[int] = typer.Option(None, "--dev-max-sentences", min=1,
-                                                        help="Score only the first N dev sentences."),
+                                                        help="Score only N dev sentences, spread evenly over --dev."),
         seed: Seed = 42,
         save_steps: SaveSteps = 500,
         logging_steps: LoggingSteps = 50,

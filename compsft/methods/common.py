@@ -108,12 +108,10 @@ def dev_selection(ctx: MethodContext, data: TaskData, work: Path, *, sparse: boo
     from transformers import AutoTokenizer
 
     from ..tasks import get_task, resolve_data
-    from ..training.dev_selection import DevSelection, dev_scorer, has_sparse_values, primary_metric
+    from ..training.dev_selection import DevSelection, dev_scorer, dev_subset, has_sparse_values, primary_metric
 
     spec = get_task(data.task)
-    sentences = spec.read(resolve_data(data.dev))
-    if b.dev_sentences:
-        sentences = sentences[:b.dev_sentences]
+    sentences = dev_subset(spec.read(resolve_data(data.dev)), b.dev_sentences)
     if not sentences:
         raise CompsftError(f"{data.dev}: no dev sentences")
     metric = primary_metric(data.task)

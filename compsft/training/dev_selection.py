@@ -49,6 +49,18 @@ def check_steps(max_steps: int, checks: int) -> list[int]:
     return sorted({max(1, round(max_steps * (i + 1) / checks)) for i in range(checks)})
 
 
+def dev_subset(sentences: Sequence, n: int | None) -> list:
+    """`n` sentences spread evenly over the dev set, in order (all of them when `n` is None, 0 or larger).
+
+    Not the first `n`: dev files follow their documents, and a prefix can miss whole labels (the first 200
+    sentences of English EWT's NER dev set hold 96 LOC, 8 ORG and no PER entity; an even spread of 200
+    holds 39, 25 and 38)."""
+    sentences = list(sentences)
+    if not n or n >= len(sentences):
+        return sentences
+    return [sentences[i * len(sentences) // n] for i in range(n)]
+
+
 def has_sparse_values(model: torch.nn.Module) -> bool:
     """True in sparse phase 2 (values vectors attached): the phase an SFT's dev selection acts in."""
     from .sparse import sparse_parameter_names

@@ -87,7 +87,7 @@ def train_full_ft(
     from ..atomic import atomic_path, write_text
     from ..errors import CompsftError
     from ..tasks import get_task, resolve_data
-    from .dev_selection import DevSelection, dev_scorer, primary_metric
+    from .dev_selection import DevSelection, dev_scorer, dev_subset, primary_metric
     from .recipes import _check_model_dir, _silence, _training_args, _vocab
     from .trainer import last_complete_checkpoint
 
@@ -131,9 +131,7 @@ def train_full_ft(
     selection = None
     dev_sentences = []
     if dev is not None:
-        dev_sentences = spec.read(resolve_data(dev))
-        if dev_max_sentences:
-            dev_sentences = dev_sentences[:dev_max_sentences]
+        dev_sentences = dev_subset(spec.read(resolve_data(dev)), dev_max_sentences)
     metric = primary_metric(task)
     if dev_checks:
         selection = DevSelection(dev_scorer(spec, tokenizer, dev_sentences, labels, metric=metric,

@@ -284,12 +284,12 @@ class DevSelection:
         """A selection for this run (appended to `callbacks`), or None when the budget asks for none.
         `at(max_steps)`: the steps to check at (default: `budget.dev_checks` evenly spaced)."""
         from compsft.tasks import resolve_data
-        from compsft.training.dev_selection import DevSelection as Core, dev_scorer, primary_metric
+        from compsft.training.dev_selection import DevSelection as Core, dev_scorer, dev_subset, primary_metric
 
         budget = ctx.budget
         if not budget.dev_checks or data.dev is None or budget.dev_sentences == 0:
             return None
-        dev = sup.spec.read(resolve_data(data.dev))[:budget.dev_sentences or None]
+        dev = dev_subset(sup.spec.read(resolve_data(data.dev)), budget.dev_sentences)
         metric = primary_metric(sup.spec.name)
         score = dev_scorer(sup.spec, sup.tokenizer, dev, sup.labels, metric=metric)
         snapshot = lambda _model: {k: v.detach().to("cpu", copy=True) for k, v in trainable.items()}  # noqa: E731
