@@ -203,12 +203,43 @@ def test_language_modules_get_text_and_the_evaluation_files_to_exclude(model_dir
 
     out = tmp_path / "cmp"
     run(config(model_dir, out, seeds=1, methods=["fake-a"]))
-    modules = sorted((out / "modules" / "language" / "fake-a").glob("wol-seed42-custom-*/module/language.json"))
+    modules = sorted((out / "modules" / "language" / "fake-a").glob("wol-seed42-*/module/language.json"))
     assert len(modules) == 1
     lang = json.loads(modules[0].read_text())
     assert lang["texts"] and all(Path(p).is_file() for p in lang["texts"])
     for name in ("ud:wo_wtb:test", "ud:mt_mudt:test", "ud:en_ewt:dev"):  # every target's test set, source dev
         assert str(data_path(name).resolve()) in lang["exclude"]
+
+
+def test_language_modules_are_keyed_by_language_fields_and_text_bytes(model_dir, tmp_path):
+    """A budget that differs in task fields (the per-task budgets) reuses language modules; a text edited
+    in place, or another language field, trains a new one."""
+    text = tmp_path / "own.txt"
+    text.write_text("Jamm nga fanaane ?\nMaa ngi fi rekk .\n", encoding="utf-8")
+    cache = tmp_path / "modules"
+
+    def grid(out, **budget):
+        run(config(model_dir, tmp_path / out, methods=["fake-a"], seeds=1, module_cache=str(cache),
+                   targets=[f"own=ud:wo_wtb:test:{text}"], budget=tiny_budget(**budget)))
+        return CALLS[("language", "fake-a", "own", 42)], CALLS[("language", "fake-a", "eng", 42)], \
+            CALLS[("task", "fake-a", "pos", 42)]
+
+    assert grid("a") == (1, 1, 1)
+    assert grid("b", task_lr=5e-3, task_steps=5) == (1, 1, 2)  # task fields: only the task module is new
+    text.write_text("Jamm nga fanaane ?\n", encoding="utf-8")
+    assert grid("c") == (2, 1, 2)  # the same path with other bytes: a new language module
+    assert grid("d", lang_lr=5e-3) == (3, 2, 3)  # a language field: new language modules, so a new task module
+
+
+def test_per_task_budgets_change_task_fields_only():
+    from compsft.compare.budgets import BUDGETS, TASK_CHANGES, get_budget, language_budget
+
+    for name, tasks in TASK_CHANGES.items():
+        for task, changes in tasks.items():
+            assert changes and not any(k.startswith("lang_") for k in changes), (name, task)
+            assert language_budget(get_budget(name, task)) == language_budget(get_budget(name))
+            assert get_budget(name, task) != BUDGETS[name]
+    assert get_budget("cpu", "pos") == BUDGETS["cpu"]
 
 
 # -- failures -----------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def print_methods(names: list[str], model: Optional[Path], budget: str, task: st
     for column in ("method", "composition", "trainable params", "stored", "description"):
         table.add_column(column, overflow="fold", no_wrap=column == "method",
                          justify="right" if column in ("trainable params", "stored") else "left")
-    for name, info in method_table(names, model_dir, get_budget(budget), task).items():
+    for name, info in method_table(names, model_dir, get_budget(budget, task), task).items():
         counts = info.get("parameter_counts") or {}
         table.add_row(name, info["composition"], fmt_int(counts.get("trainable")),
                       fmt_bytes(counts.get("stored_bytes")),

@@ -48,11 +48,27 @@ BUDGETS: dict[str, Budget] = {
 }
 
 
-def get_budget(name: str) -> Budget:
-    """A copy of the named budget (callers may change fields without touching the preset)."""
+DEP_LR = 5e-4  # provisional: chosen on English dev below
+NER_STEPS = 320
+
+#: Task fields a named budget sets per task (the same for every method): what the task needs to be trained
+#: at all at that budget, chosen on English dev (see the module docstring). Language fields never change
+#: here, so the language modules of one budget are shared by all its tasks.
+TASK_CHANGES: dict[str, dict[str, dict]] = {
+    "cpu": {"dep": {"task_lr": DEP_LR}, "ner": {"task_steps": NER_STEPS}},
+}
+
+
+def get_budget(name: str, task: str | None = None) -> Budget:
+    """A copy of the named budget for `task` (callers may change fields without touching the preset)."""
     if name not in BUDGETS:
         raise CompsftError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")
-    return dataclasses.replace(BUDGETS[name])
+    return dataclasses.replace(BUDGETS[name], **TASK_CHANGES.get(name, {}).get(task, {}))
+
+
+def language_budget(budget: Budget) -> dict:
+    """The fields of `budget` a language module is trained by (`lang_*`): its cache key."""
+    return {k: v for k, v in budget_dict(budget).items() if k.startswith("lang_")}
 
 
 def budget_dict(budget: Budget) -> dict:

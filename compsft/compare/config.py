@@ -374,7 +374,7 @@ def resolve(config: CompareConfig) -> Grid:
     if isinstance(config.budget, Budget):
         budget_name, budget = "custom", config.budget
     else:
-        budget_name, budget = config.budget, get_budget(config.budget)
+        budget_name, budget = config.budget, get_budget(config.budget, config.task)
 
     if config.model:
         model_dir = Path(config.model).expanduser().resolve()
@@ -411,5 +411,5 @@ def _evaluation_files(languages: Sequence[LanguageSide], data: Sequence[str]) ->
 
 def replace_budget(config: CompareConfig, **changes: Any) -> CompareConfig:
     """`config` with budget fields changed (a named budget becomes a custom one)."""
-    budget = config.budget if isinstance(config.budget, Budget) else get_budget(config.budget)
+    budget = config.budget if isinstance(config.budget, Budget) else get_budget(config.budget, config.task)
     return dataclasses.replace(config, budget=dataclasses.replace(budget, **changes))

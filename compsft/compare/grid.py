@@ -3,7 +3,7 @@
 Layout under ``--out`` (modules may live elsewhere with `module_cache`, shared between grids)::
 
     grid.json                                   the grid's definition; --resume must match it
-    modules/language/<language_key>/<code>-seed<S>-<budget>-<digest>/
+    modules/language/<language_key>/<code>-seed<S>-<digest>/
         module/        what the method wrote (an SFT directory, a model, ...)
         work/          checkpoints while it trains (removed when the module is done)
         module.json    written last: the module is done (ModuleInfo + wall time)
@@ -13,21 +13,24 @@ Layout under ``--out`` (modules may live elsewhere with `module_cache`, shared b
     results.json  results.csv  results.md  plot.png
 
 A language module is keyed by (language_key, language, its text and the evaluation files filtered out of
-it, seed, budget, model), so it is trained once and reused across methods with the same key, across targets
-and, with a shared `module_cache`, across tasks. A task module by (task_key, task, source data, the source
-language module it was trained on, seed, budget, model). The digest covers every input; the readable part of
-the name is for people.
+it, seed, the budget's language fields, model), so it is trained once and reused across methods with the same
+key, across targets and, with a shared `module_cache`, across tasks, whose budgets differ in task fields only
+(`compsft.compare.budgets`). A task module by (task_key, task, source data, the source
+language module it was trained on, seed, budget, model). Files enter a key by their bytes (SHA-256), not their
+paths. The digest covers every input; the readable part of the name is for people.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from compsft.errors import CompsftError
 
-from .budgets import budget_dict
+from .budgets import budget_dict, language_budget
 from .config import Grid, LanguageSide
 
 GRID_FILE = "grid.json"
@@ -73,16 +76,40 @@ def _common(grid: Grid, seed: int) -> dict[str, Any]:
     return {"seed": seed, "budget": budget_dict(grid.budget), "model": str(grid.model_dir)}
 
 
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes: modules are keyed by what their data says, not where it lies, so an
+    edited text file trains a new module and a copy of the checkout finds the modules of the old one."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise CompsftError(f"{path}: cannot read ({err.strerror or err})") from None
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
 def language_module_dir(grid: Grid, language_key: str, lang: LanguageSide, seed: int) -> Path:
-    key = {"kind": "language", "key": language_key, "code": lang.code, "texts": list(lang.texts),
-           "exclude": list(grid.exclude), **_common(grid, seed)}
-    return grid.module_cache / "language" / language_key / \
-        f"{lang.code}-seed{seed}-{grid.budget_name}-{digest(key)}"
+    # Only the language fields of the budget: a language module never sees the task's, so a parsing grid
+    # whose budget trains tasks longer still reuses the POS grid's language modules.
+    key = {"kind": "language", "key": language_key, "code": lang.code,
+           "texts": [file_digest(p) for p in lang.texts], "exclude": sorted(file_digest(p) for p in grid.exclude),
+           **_common(grid, seed), "budget": language_budget(grid.budget)}
+    return grid.module_cache / "language" / language_key / f"{lang.code}-seed{seed}-{digest(key)}"
 
 
 def task_module_dir(grid: Grid, task_key: str, seed: int, source_module: Path | None) -> Path:
+    from compsft.tasks import resolve_data
+
     key = {"kind": "task", "key": task_key, "task": grid.task, "source": grid.source.code,
-           "train": grid.source_train, "dev": grid.source_dev,
+           "train": file_digest(resolve_data(grid.source_train)),
+           "dev": file_digest(resolve_data(grid.source_dev)) if grid.source_dev else None,
            "source_module": source_module.name if source_module is not None else None, **_common(grid, seed)}
     return grid.module_cache / "task" / task_key / \
         f"{grid.task}-{grid.source.code}-seed{seed}-{grid.budget_name}-{digest(key)}"
