@@ -328,6 +328,10 @@ def test_resume_with_another_configuration_is_refused(model_dir, tmp_path):
         run(config(model_dir, out, seeds=1))
     with pytest.raises(CompsftError, match=r"--resume with another configuration \(seeds"):
         run(config(model_dir, out, seeds=2, resume=True))
+    # shipped text by its place in the package, not this checkout's path: another checkout may resume
+    record = json.loads((out / "grid.json").read_text())
+    texts = record["source"]["texts"] + [t for target in record["targets"] for t in target["texts"]]
+    assert texts and all(t.startswith("compsft.languages:data/") for t in texts), texts
 
 
 # -- outputs ------------------------------------------------------------------------------------------

@@ -133,13 +133,28 @@ class Grid:
         return {
             "task": self.task,
             "source": {"code": self.source.code, "train": self.source_train, "dev": self.source_dev,
-                       "texts": list(self.source.texts)},
-            "targets": [{"code": t.code, "test": t.test, "texts": list(t.language.texts)} for t in self.targets],
+                       "texts": _portable(self.source.texts)},
+            "targets": [{"code": t.code, "test": t.test, "texts": _portable(t.language.texts)}
+                        for t in self.targets],
             "methods": list(self.methods),
             "seeds": list(self.seeds),
             "budget": {"name": self.budget_name, **budget_dict(self.budget)},
             "model": str(self.model_dir),
         }
+
+
+def _portable(texts: Sequence[str]) -> list[str]:
+    """Shipped text files by their place in the package (`compsft.languages:data/eng/udhr.txt.gz`), so a
+    grid recorded in one checkout or install is resumed from another; the user's own files by their paths."""
+    from compsft.languages.catalogue import DATA_DIR
+
+    out = []
+    for text in texts:
+        try:
+            out.append("compsft.languages:data/" + Path(text).resolve().relative_to(DATA_DIR).as_posix())
+        except ValueError:
+            out.append(str(text))
+    return out
 
 
 # -- targets -----------------------------------------------------------------------------------------
