@@ -30,7 +30,8 @@ import torch
 from compsft.errors import CompsftError
 from compsft.jsonfile import read_json_object
 
-from .adapters.recipes import dir_bytes, load_vocab
+from .adapters.recipes import load_vocab
+from .common import module_bytes
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
 
 #: every linear layer inside the transformer layers of a BERT-family encoder (a full-match regex for peft)
@@ -166,7 +167,7 @@ def train_language(ctx: MethodContext, data: LanguageData, seed: int, out: Path,
             "training": {"steps": steps, "examples": len(dataset), "corpus": mlm.corpus_stats,
                          "lr": args.learning_rate, "seed": seed, "final_loss": final_loss(trainer)}}
     _save(out, peft_model, side)
-    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=module_bytes(out), seconds=time.perf_counter() - started,
                       extra={"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]})
 
 
@@ -219,7 +220,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_language: Path | None,
     extra = {"rank": rank, "k": k, "steps": steps, "final_loss": side["training"]["final_loss"]}
     if selection is not None and (chosen := selection.save(out, write)):
         extra["dev_selected"] = chosen
-    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=module_bytes(out), seconds=time.perf_counter() - started,
                       extra=extra)
 
 

@@ -95,9 +95,9 @@ def merge_from(model: nn.Module, directory: Path, vocab: dict | None, kind: str)
 
 
 def _info(out: Path, trainable: int, started: float, extra: dict) -> ModuleInfo:
-    from .adapters.recipes import dir_bytes
+    from .common import module_bytes
 
-    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=module_bytes(out), seconds=time.perf_counter() - started,
                       extra=extra)
 
 

@@ -25,6 +25,7 @@ import torch
 from compsft.errors import CompsftError
 
 from ..base import DEV_SELECTED, Budget, LanguageData, MethodContext, ModuleInfo, TaskData
+from ..common import module_bytes
 from .attach import Stack, add_adapter, adapter_bank, set_active, train_only
 from .files import AdapterConfig, load_adapter_files, save_adapter_files
 
@@ -140,10 +141,6 @@ def load_vocab(model_dir: Path) -> tuple[Any, dict]:
     return tokenizer, vocab_fingerprint(tokenizer)
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def final_loss(trainer) -> float | None:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return float(losses[-1]) if losses else None
@@ -244,7 +241,7 @@ def train_language_adapter(ctx: MethodContext, data: LanguageData, seed: int, ou
                        "seed": seed,
                        "final_loss": final_loss(trainer)}
     save_adapter_files(out, config, adapter_bank(model).adapters[LANG].tensors())
-    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=module_bytes(out), seconds=time.perf_counter() - started,
                       extra={"steps": steps, "final_loss": config.training["final_loss"]})
 
 
@@ -361,7 +358,7 @@ def train_task_adapter(ctx: MethodContext, data: TaskData, source_language: Path
     extra: dict[str, Any] = {"steps": steps, "final_loss": config.training["final_loss"]}
     if selection is not None and (chosen := selection.save(out, lambda d: _save_task(d, config, state))):
         extra["dev_selected"] = chosen
-    return ModuleInfo(trainable=trainable, stored_bytes=dir_bytes(out), seconds=time.perf_counter() - started,
+    return ModuleInfo(trainable=trainable, stored_bytes=module_bytes(out), seconds=time.perf_counter() - started,
                       extra=extra)
 
 
