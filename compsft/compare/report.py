@@ -226,8 +226,9 @@ def results_markdown(results: dict[str, Any]) -> str:
                       "so it is an interval over this grid's seeds and targets, not over languages in general."]
     if "dev_selected" in results["summary"]:
         parts += ["", "Model selection uses source-language dev data only: the task module checked "
-                      f"{s['budget']['dev_checks']} times in its last phase on {s['budget']['dev_sentences'] or 'all'} "
-                      f"sentences of `{s['source']['dev']}`; never target data."]
+                      f"{s['budget']['dev_checks']} times in its last phase on "
+                      + (f"{s['budget']['dev_sentences']} sentences spread over" if s['budget']['dev_sentences']
+                         else "all sentences of") + f" `{s['source']['dev']}`; never target data."]
     o = results["times"]["overhead_seconds_per_cell"]
     if o["cells"]:
         parts += ["", f"Harness overhead per cell (time outside training, assembly and evaluation): mean "
