@@ -231,8 +231,10 @@ def test_language_modules_are_keyed_by_language_fields_and_text_bytes(model_dir,
     assert grid("d", lang_lr=5e-3) == (3, 2, 3)  # a language field: new language modules, so a new task module
 
 
-def test_per_task_budgets_change_task_fields_only():
+def test_per_task_budgets_change_task_fields_only(model_dir, tmp_path):
+    from compsft.compare import CompareConfig
     from compsft.compare.budgets import BUDGETS, TASK_CHANGES, get_budget, language_budget
+    from compsft.compare.config import resolve
 
     for name, tasks in TASK_CHANGES.items():
         for task, changes in tasks.items():
@@ -240,6 +242,9 @@ def test_per_task_budgets_change_task_fields_only():
             assert language_budget(get_budget(name, task)) == language_budget(get_budget(name))
             assert get_budget(name, task) != BUDGETS[name]
     assert get_budget("cpu", "pos") == BUDGETS["cpu"]
+    for task in ("pos", "dep", "ner"):  # what a grid trains with
+        grid = resolve(CompareConfig(task=task, budget="cpu", model=str(model_dir), out=str(tmp_path / task)))
+        assert grid.budget == get_budget("cpu", task) and grid.budget_name == "cpu"
 
 
 # -- failures -----------------------------------------------------------------------------------------
