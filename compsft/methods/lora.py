@@ -31,8 +31,8 @@ from compsft.errors import CompsftError
 from compsft.jsonfile import read_json_object
 
 from .adapters.recipes import load_vocab
-from .common import module_bytes
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
+from .common import module_bytes
 
 #: every linear layer inside the transformer layers of a BERT-family encoder (a full-match regex for peft)
 TARGET_MODULES = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
