@@ -72,8 +72,8 @@ def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False) -> None:
     write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
-def _common(grid: Grid, seed: int) -> dict[str, Any]:
-    return {"seed": seed, "budget": budget_dict(grid.budget), "model": str(grid.model_dir)}
+def _common(grid: Grid, seed: int, budget: dict[str, Any]) -> dict[str, Any]:
+    return {"seed": seed, "budget": budget, "model": str(grid.model_dir)}
 
 
 @functools.lru_cache(maxsize=256)
@@ -100,7 +100,7 @@ def language_module_dir(grid: Grid, language_key: str, lang: LanguageSide, seed:
     # whose budget trains tasks longer still reuses the POS grid's language modules.
     key = {"kind": "language", "key": language_key, "code": lang.code,
            "texts": [file_digest(p) for p in lang.texts], "exclude": sorted(file_digest(p) for p in grid.exclude),
-           **_common(grid, seed), "budget": language_budget(grid.budget)}
+           **_common(grid, seed, language_budget(grid.budget))}
     return grid.module_cache / "language" / language_key / f"{lang.code}-seed{seed}-{digest(key)}"
 
 
@@ -110,7 +110,8 @@ def task_module_dir(grid: Grid, task_key: str, seed: int, source_module: Path | 
     key = {"kind": "task", "key": task_key, "task": grid.task, "source": grid.source.code,
            "train": file_digest(resolve_data(grid.source_train)),
            "dev": file_digest(resolve_data(grid.source_dev)) if grid.source_dev else None,
-           "source_module": source_module.name if source_module is not None else None, **_common(grid, seed)}
+           "source_module": source_module.name if source_module is not None else None,
+           **_common(grid, seed, budget_dict(grid.budget))}
     return grid.module_cache / "task" / task_key / \
         f"{grid.task}-{grid.source.code}-seed{seed}-{grid.budget_name}-{digest(key)}"
 
