@@ -231,6 +231,26 @@ def test_language_modules_are_keyed_by_language_fields_and_text_bytes(model_dir,
     assert grid("d", lang_lr=5e-3) == (3, 2, 3)  # a language field: new language modules, so a new task module
 
 
+def test_task_modules_are_keyed_by_the_source_data_bytes(model_dir, tmp_path):
+    """Training data edited in place trains a new task module (and no new language module)."""
+    from training_helpers import first_sentences
+
+    from compsft.compare import SourceSpec
+
+    train = first_sentences("ud:en_ewt:train", 6, tmp_path / "train.conllu")
+    cache = tmp_path / "modules"
+
+    def grid(out):
+        run(config(model_dir, tmp_path / out, methods=["fake-a"], seeds=1, targets=["wol"], module_cache=str(cache),
+                   source=SourceSpec(train=str(train))))
+        return CALLS[("language", "fake-a", "eng", 42)], CALLS[("task", "fake-a", "pos", 42)]
+
+    assert grid("a") == (1, 1)
+    assert grid("b") == (1, 1)
+    first_sentences("ud:en_ewt:train", 5, train)
+    assert grid("c") == (1, 2)
+
+
 def test_per_task_budgets_change_task_fields_only(model_dir, tmp_path):
     from compsft.compare import CompareConfig
     from compsft.compare.budgets import BUDGETS, TASK_CHANGES, get_budget, language_budget
