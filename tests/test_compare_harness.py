@@ -50,9 +50,13 @@ def fake_method(name: str, *, language: bool = True, language_key: str = "", tas
         labels = UPOS  # reading the 4,000 training sentences would take seconds
         (out / "labels.json").write_text(json.dumps(labels))
         (out / "source.txt").write_text(str(source_dir))
+        # what the assembled model is seeded by: the module's own content, never a path (paths differ per machine)
+        (out / "fake.json").write_text(json.dumps({"key": task_key or name, "seed": seed, "variant": "fixed"}))
         if ctx.budget.dev_checks:
             (out / DEV_SELECTED).mkdir()
             (out / DEV_SELECTED / "labels.json").write_text(json.dumps(labels))
+            (out / DEV_SELECTED / "fake.json").write_text(
+                json.dumps({"key": task_key or name, "seed": seed, "variant": "dev-selected"}))
         extra = {"labels": len(labels)}
         if selected_step is not None:
             extra["dev_selected"] = {"metric": "accuracy", "step": selected_step, "score": 0.5, "of_steps": 3}
@@ -68,8 +72,9 @@ def fake_method(name: str, *, language: bool = True, language_key: str = "", tas
                 (language_dir / "language.json").read_text())["code"] == fail_on:
             raise RuntimeError(f"{name} cannot assemble {fail_on}")
         labels = json.loads((task_dir / "labels.json").read_text())
-        # A model that depends on the modules only (not on paths outside the cache): deterministic per cell.
-        key = "/".join(task_dir.parts[-4:]) + "|" + ("/".join(language_dir.parts[-3:]) if language_dir else "")
+        # A model that depends on the modules' content only: deterministic per cell on every machine.
+        language = json.loads((language_dir / "language.json").read_text()) if language_dir else {}
+        key = (task_dir / "fake.json").read_text() + "|" + f"{language.get('code')}-{language.get('seed')}"
         torch.manual_seed(zlib.crc32(key.encode()))
         model = get_task("pos").build_model(ctx.model_dir, labels)
         return model.to(ctx.device), labels
