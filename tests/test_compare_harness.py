@@ -356,8 +356,10 @@ def test_resume_with_another_configuration_is_refused(model_dir, tmp_path):
     run(config(model_dir, out, seeds=1))
     with pytest.raises(CompsftError, match="pass --resume"):
         run(config(model_dir, out, seeds=1))
-    with pytest.raises(CompsftError, match=r"--resume with another configuration \(seeds"):
-        run(config(model_dir, out, seeds=2, resume=True))
+    with pytest.raises(CompsftError, match=r"--resume with another configuration \(targets.*only methods and"):
+        run(config(model_dir, out, seeds=1, targets=["wol"], resume=True))
+    with pytest.raises(CompsftError, match=r"--resume with another configuration \(budget"):
+        run(config(model_dir, out, seeds=1, budget=tiny_budget(dev_checks=1), resume=True))
     # shipped text by its place in the package, not this checkout's path: another checkout may resume
     record = json.loads((out / "grid.json").read_text())
     texts = record["source"]["texts"] + [t for target in record["targets"] for t in target["texts"]]
@@ -592,6 +594,31 @@ def test_real_quick_grid_on_the_default_model(tmp_path):
 
 
 # -- reports of unfinished grids ------------------------------------------------------------------------
+
+def test_resume_may_add_methods_and_seeds(model_dir, tmp_path):
+    """A grid grows by methods and seeds: only the new cells' modules train, the finished cells are kept."""
+    out = tmp_path / "cmp"
+    first = run(config(model_dir, out, seeds=1, methods=["fake-a"]))
+    kept = {(c["method"], c["target"], c["seed"]): c for c in first["cells"]}
+    CALLS.clear()
+    grown = run(config(model_dir, out, seeds=2, methods=["fake-a", "fake-c"], resume=True))
+    assert len(grown["cells"]) == 8 and all(c["status"] == "ok" for c in grown["cells"])
+    trained = {k for k in CALLS if k[0] in ("language", "task")}
+    # seed 43 of fake-a (eng, wol, mlt, its task module) and fake-c's task module per seed: nothing of seed 42's
+    # fake-a, whose two cells are not assembled again either
+    assert trained == {("language", "fake-a", code, 43) for code in ("eng", "wol", "mlt")} | {
+        ("task", "fake-a", "pos", 43), ("task", "fake-c", "pos", 42), ("task", "fake-c", "pos", 43)}
+    assert CALLS[("assemble", "fake-a")] == 4  # seed 43's two cells, fixed and dev-selected
+    for c in grown["cells"]:
+        if (c["method"], c["target"], c["seed"]) in kept:
+            assert strip_times(c) == strip_times(kept[c["method"], c["target"], c["seed"]])
+    record = json.loads((out / "grid.json").read_text())
+    assert record["methods"] == ["fake-a", "fake-c"] and record["seeds"] == [42, 43]
+    # the grown grid is the one --report-only now recognises
+    CALLS.clear()
+    assert len(run(config(model_dir, out, report_only=True))["cells"]) == 8 and not CALLS
+
+
 def test_interrupted_grid_writes_the_table_of_what_finished_and_report_only_rewrites_it(model_dir, tmp_path):
     from compsft.methods import register_method
 

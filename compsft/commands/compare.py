@@ -31,8 +31,9 @@ Task = Annotated[str, typer.Option("--task", help="pos, dep or ner.")]
 ModelDir = Annotated[Optional[Path], typer.Option("--model", help="Model directory (default: the prepared default "
                                                                    "model; see `compsft prepare-model`).")]
 Device = Annotated[Optional[DeviceName], typer.Option("--device", help="cpu or cuda (default: cuda if available).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the comparison in --out (same settings): "
-                                                          "finished cells are kept, interrupted modules resume.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the comparison in --out (same settings, "
+                                                          "but methods and seeds may be added): finished cells "
+                                                          "are kept, interrupted modules resume.")]
 
 
 class RichReporter:

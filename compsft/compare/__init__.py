@@ -36,7 +36,10 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> dict[str
     grid = resolve(config)
     device = _device(config.device)
     grid.out.mkdir(parents=True, exist_ok=True)
-    check_grid_file(grid, config.resume or config.report_only, must_exist=config.report_only)
+    extended = check_grid_file(grid, config.resume or config.report_only, must_exist=config.report_only,
+                               extend=config.resume and not config.report_only)
+    for change in extended:
+        logger.warning("%s: grid extended, %s (finished cells are kept)", grid.out / "grid.json", change)
     runner = GridRunner(grid, reporter, device)
     methods = method_table(grid.methods, grid.model_dir, grid.budget, grid.task, device)
 

@@ -77,7 +77,8 @@ class CompareConfig:
     budget: str | Budget = field(default="cpu", metadata={"help": "quick, cpu, paper, or a Budget"})
     model: str | None = field(default=None, metadata={"help": "model directory (default: the default model)"})
     out: str = field(default="runs/cmp", metadata={"help": "output directory"})
-    resume: bool = field(default=False, metadata={"help": "continue the comparison already in `out`"})
+    resume: bool = field(default=False, metadata={"help": "continue the comparison already in `out` (methods "
+                                                           "and seeds may be added)"})
     report_only: bool = field(default=False, metadata={"help": "write the table of the cells finished so far in "
                                                                 "`out` (same settings); train nothing"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
@@ -129,7 +130,8 @@ class Grid:
         return PRIMARY_METRIC[self.task]
 
     def record(self) -> dict[str, Any]:
-        """What defines the grid (grid.json): a --resume with anything else here is refused."""
+        """What defines the grid (grid.json): a --resume with anything else here but the methods and seeds
+        is refused."""
         return {
             "task": self.task,
             "source": {"code": self.source.code, "train": self.source_train, "dev": self.source_dev,

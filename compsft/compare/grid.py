@@ -3,6 +3,7 @@
 Layout under ``--out`` (modules may live elsewhere with `module_cache`, shared between grids)::
 
     grid.json                                   the grid's definition; --resume must match it
+                                                (methods and seeds may be added or dropped)
     modules/language/<language_key>/<code>-seed<S>-<digest>/
         module/        what the method wrote (an SFT directory, a model, ...)
         work/          checkpoints while it trains (removed when the module is done)
@@ -43,33 +44,48 @@ def digest(data: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False) -> None:
+#: what a --resume may change: a cell depends on its own method and seed only, so a grid grows by methods
+#: and seeds without touching the cells it has. Targets may not change: their evaluation files are kept out of
+#: every language's MLM text, so another target set means other language modules for every cell.
+EXTENSIBLE = ("methods", "seeds")
+
+
+def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False, extend: bool = False) -> list[str]:
     """Record the grid in OUT/grid.json, or check it against the one there (--resume). `must_exist`: there
-    must be one already (a report of a grid run before)."""
+    must be one already (a report of a grid run before). `extend`: the methods and seeds may differ from the
+    recorded ones (the record becomes the new grid). Returns what was extended, for the log."""
     from compsft.atomic import write_text
 
     path = grid.out / GRID_FILE
     record = grid.record()
     if must_exist and not path.is_file():
         raise CompsftError(f"{path}: no comparison there to report on (run it first, with the same settings)")
-    if path.is_file():
-        if not resume:
-            raise CompsftError(f"{path}: a comparison is already in {grid.out}; pass --resume to continue it, "
-                               "or choose another --out")
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise CompsftError(f"{path}: unreadable grid file ({err})") from None
-        if not isinstance(old, dict):
-            raise CompsftError(f"{path}: not a grid file")
-        changed = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
-        if changed:
-            detail = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(record.get(k))} now"
-                               for k in changed)
-            raise CompsftError(f"{path}: --resume with another configuration ({detail[:600]}); "
-                               "use the same settings, or another --out")
-        return
-    write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    if not path.is_file():
+        write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        return []
+    if not resume:
+        raise CompsftError(f"{path}: a comparison is already in {grid.out}; pass --resume to continue it, "
+                           "or choose another --out")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CompsftError(f"{path}: unreadable grid file ({err})") from None
+    if not isinstance(old, dict):
+        raise CompsftError(f"{path}: not a grid file")
+    free = EXTENSIBLE if extend else ()
+    changed = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k) and k not in free]
+    if changed:
+        detail = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(record.get(k))} now"
+                           for k in changed)
+        hint = (" (only methods and seeds may change on --resume: other targets change every language "
+                "module; start another --out, with --module-cache OUT/modules to reuse what does not depend on "
+                "the targets)" if extend and "targets" in changed else "")
+        raise CompsftError(f"{path}: --resume with another configuration ({detail[:600]}){hint}; "
+                           "use the same settings, or another --out")
+    extended = [f"{k} {old.get(k)} -> {record[k]}" for k in free if old.get(k) != record.get(k)]
+    if extended:
+        write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return extended
 
 
 def _common(grid: Grid, seed: int, budget: dict[str, Any]) -> dict[str, Any]:
