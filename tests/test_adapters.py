@@ -262,7 +262,7 @@ def test_madx_train_language_task_assemble(tiny_world, madx_languages, tmp_path,
     task = spec.train_task(ctx, TaskData("pos", tiny_world["train"], tiny_world["dev"]), lang_src, 0,
                            tmp_path / "task")
     n_labels = len(get_task("pos").label_list(get_task("pos").read(tiny_world["train"])))
-    assert task.trainable == counts["task_trainable"] + 16 * n_labels + n_labels  # + the head (hidden 16)
+    assert task.trainable == counts["task_trainable"] and counts["task_head"] == 16 * n_labels + n_labels  # hidden 16
     assert task.extra["dev_selected"]["step"] in (3, 6)  # 6 steps, 2 dev checks
     _, final, _ = load_adapter_files(tmp_path / "task")
     _, selected, _ = load_adapter_files(tmp_path / "task" / DEV_SELECTED)
@@ -333,7 +333,7 @@ def test_lora_train_language_task_assemble(tiny_world, tmp_path):
     assert task.extra["dev_selected"]["step"] in (3, 6)
     assert lora.read_side_config(tmp_path / "task" / DEV_SELECTED, "task")["labels"]
     n_labels = len(lora.read_side_config(tmp_path / "task", "task")["labels"])
-    assert task.trainable == counts["task_trainable"] + 16 * n_labels + n_labels
+    assert task.trainable == counts["task_trainable"] and counts["task_head"] == 16 * n_labels + n_labels
     model, labels = lora.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_tgt")
     assert len(labels) == n_labels
     # Composition is the merged sum: W = W0 + s·B_lang A_lang + s·B_task A_task on every adapted layer.
@@ -465,7 +465,8 @@ def test_hydra_train_language_task_assemble(tiny_world, tmp_path):
     assert hydra.load(tmp_path / "task" / DEV_SELECTED)[0].labels
     config, _, head = hydra.load(tmp_path / "task")
     n = len(config.labels)
-    assert task.trainable == counts["task_trainable"] + 16 * n + n and set(head) == {"classifier.weight", "classifier.bias"}
+    assert task.trainable == counts["task_trainable"] and counts["task_head"] == 16 * n + n
+    assert set(head) == {"classifier.weight", "classifier.bias"}
     model, labels = hydra.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_tgt")
     other, _ = hydra.METHOD.assemble(ctx, tmp_path / "task", tmp_path / "lang_src")
     assert labels == config.labels and not hasattr(model, hydra.BANK_ATTR)
@@ -699,7 +700,7 @@ def test_shira_is_sparse_at_k_and_merges(tiny_world, tmp_path):
     spec.train_language(ctx, LanguageData("mlt", [tiny_world["text_a"]]), 0, tmp_path / "lang")
     task = spec.train_task(ctx, TaskData("pos", tiny_world["train"]), tmp_path / "lang", 0, tmp_path / "task")
     n_labels = len(lora.read_side_config(tmp_path / "task", "task")["labels"])
-    assert task.trainable == counts["task_trainable"] + 16 * n_labels + n_labels
+    assert task.trainable == counts["task_trainable"] and counts["task_head"] == 16 * n_labels + n_labels
     model, _ = spec.assemble(ctx, tmp_path / "task", None)  # θ0 + the task module alone
     base = AutoModelForTokenClassification.from_pretrained(tiny_world["model"], num_labels=n_labels)
     name = "bert.encoder.layer.0.intermediate.dense.weight"

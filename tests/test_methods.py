@@ -118,10 +118,10 @@ def test_method_trains_assembles_evaluates(world, name):
             assert counts["task_trainable"] == info.trainable
         if name not in MERGED_DIFFERENCE:
             assert 0.5 < counts["task_stored_bytes"] / info.stored_bytes < 1.5
-    elif name in ADAPTER_FAMILY:  # their counts leave out the dense task head, the same for every method
-        from compsft.methods.common import model_facts
-
-        assert counts["task_trainable"] + model_facts(str(ctx.model_dir), "pos")["task_head"] == info.trainable
+    elif name in ADAPTER_FAMILY:  # the task module: its adapter (LoRA, branches) and the task head
+        assert counts["task_trainable"] == info.trainable and counts["task_head"] > 0
+        # every value is in the files (which on a tiny model are mostly their JSON config)
+        assert counts["task_stored"] * 4 + counts.get("task_mask_bytes", 0) <= info.stored_bytes
     else:
         assert counts["trainable"] == info.trainable
     assert counts["trainable"] > 0 and counts["stored_bytes"] > 0

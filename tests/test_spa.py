@@ -323,12 +323,14 @@ def test_counts_are_what_training_gives(trained):
     assert trained["langs"]["mlt"].trainable == counts["spa"]["language_trainable"]
     for name, (out, info, _) in trained["tasks"].items():
         config, _, head = L.load(out)
-        assert info.trainable == counts[name]["task_trainable"] + sum(t.numel() for t in head.values())
+        assert info.trainable == counts[name]["task_trainable"]  # the task head included
+        assert counts[name]["task_head"] == sum(t.numel() for t in head.values()) > 0
         kept = sum(L.keep_count(VARIANTS[name], u) for u, _ in config.groups.values())
         assert counts[name]["task_kept_units"] == kept
         stored = sum(t.numel() * t.element_size() for d in (out, trained["root"] / "lang-wol")
                      for t in load_file(str(d / L.WEIGHTS_NAME)).values())
-        assert counts[name]["stored_bytes"] == stored  # fp32 adapters + one byte per mask unit
+        stored += sum(t.numel() * t.element_size() for t in head.values())
+        assert counts[name]["stored_bytes"] == stored  # fp32 adapters and head + one byte per mask unit
     assert counts["spa"]["task_mask_bytes"] == 2 * (HEADS + 32) > 0
     assert {get_method(n).language_key for n in VARIANTS} == {"spa"}  # one unpruned language module for all
 

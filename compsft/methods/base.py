@@ -145,12 +145,19 @@ class MethodSpec:
         return self.train_language is not None
 
 
-def per_target_totals(counts: dict[str, int], bytes_per_value: int = 4) -> dict[str, int]:
+def per_target_totals(counts: dict[str, int], bytes_per_value: int = 4, *, task_head: int = 0,
+                      extra_bytes: int = 0) -> dict[str, int]:
     """Add the per-target totals the harness shows (`trainable`, `stored_bytes`: the task module plus the
     target language module) to counts given per module as `language_trainable`/`language_stored` and
-    `task_trainable`/`task_stored` (parameters, stored as `bytes_per_value`-byte values)."""
+    `task_trainable`/`task_stored` (parameters, stored as `bytes_per_value`-byte values). `task_head`: the
+    dense task head's parameters, trained and stored with the task module (as every method's modules count
+    it, so the columns compare); `extra_bytes`: stored bytes that are not parameters (masks)."""
     out = dict(counts)
-    out.setdefault("trainable", counts.get("task_trainable", 0) + counts.get("language_trainable", 0))
-    stored = counts.get("task_stored", 0) + counts.get("language_stored", 0)
-    out.setdefault("stored_bytes", stored * bytes_per_value)
+    if task_head:
+        out["task_head"] = task_head
+        out["task_trainable"] = counts.get("task_trainable", 0) + task_head
+        out["task_stored"] = counts.get("task_stored", 0) + task_head
+    out.setdefault("trainable", out.get("task_trainable", 0) + out.get("language_trainable", 0))
+    stored = out.get("task_stored", 0) + out.get("language_stored", 0)
+    out.setdefault("stored_bytes", stored * bytes_per_value + extra_bytes)
     return out

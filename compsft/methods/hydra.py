@@ -35,6 +35,7 @@ from compsft.jsonfile import read_json_object
 
 from .module_files import check_names, read_head, read_tensors, write_module
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
+from .common import model_facts
 
 WEIGHTS_NAME = "hydra.safetensors"
 CONFIG_NAME = "hydra_config.json"
@@ -341,7 +342,8 @@ def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> t
 
 
 def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
-    """Trainable (= stored) branch parameters of a language and a task module at the budget's K (head not counted)."""
+    """Trainable (= stored) branch parameters of a language and a task module at the budget's K, the task
+    module's with its task head."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     with torch.device("meta"):
@@ -352,7 +354,7 @@ def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
         n = rank * sum(i + 3 * o for i, o in layers.values())
         out[f"{kind}_trainable"] = out[f"{kind}_stored"] = n
         out[f"{kind}_rank"] = rank
-    return per_target_totals(out)
+    return per_target_totals(out, task_head=model_facts(str(ctx.model_dir), task)["task_head"])
 
 
 METHOD = MethodSpec(

@@ -32,7 +32,7 @@ from compsft.jsonfile import read_json_object
 
 from .adapters.recipes import load_vocab
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
-from .common import module_bytes
+from .common import model_facts, module_bytes
 
 #: every linear layer inside the transformer layers of a BERT-family encoder (a full-match regex for peft)
 TARGET_MODULES = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -260,7 +260,8 @@ def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> t
 
 
 def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
-    """Trainable (= stored) LoRA parameters of a language and a task LoRA at the budget's K (head not counted).
+    """Trainable (= stored) LoRA parameters of a language and a task LoRA at the budget's K, the task LoRA's
+    with its task head.
     SHiRA trains the same number of entries, r·(in + out) per layer."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -273,7 +274,7 @@ def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
         rank, _ = rank_for_k(model, kind, density)
         out[f"{kind}_trainable"] = out[f"{kind}_stored"] = rank * per_rank
         out[f"{kind}_rank"] = rank
-    return per_target_totals(out)
+    return per_target_totals(out, task_head=model_facts(str(ctx.model_dir), task)["task_head"])
 
 
 def make_method(name: str, settings: LoraSettings, description: str, composition: str) -> MethodSpec:

@@ -28,9 +28,10 @@ from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData,
 
 
 def parameter_counts(ctx: MethodContext, task: str, settings: MadxSettings | None = None) -> dict[str, int]:
-    """Trainable and stored parameters of a language and a task adapter (the task head, the same dense
-    head for every method, is not counted)."""
+    """Trainable and stored parameters of a language adapter and of a task adapter with its task head."""
     from transformers import AutoConfig
+
+    from .common import model_facts
 
     settings = settings or MadxSettings()
     config = AutoConfig.from_pretrained(ctx.model_dir)
@@ -40,7 +41,8 @@ def parameter_counts(ctx: MethodContext, task: str, settings: MadxSettings | Non
     used = adapter_sizes(h, n, settings.lang_reduction_factor, inv, leave_out=int(settings.drop_last_language_layer))
     task_params = adapter_sizes(h, n, settings.task_reduction_factor, None)
     return per_target_totals({"language_trainable": language, "language_stored": language, "language_used": used,
-                              "task_trainable": task_params, "task_stored": task_params})
+                              "task_trainable": task_params, "task_stored": task_params},
+                             task_head=model_facts(str(ctx.model_dir), task)["task_head"])
 
 
 def make_method(name: str, settings: MadxSettings, description: str, **keys: str) -> MethodSpec:

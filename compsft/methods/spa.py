@@ -56,6 +56,7 @@ from torch import nn
 from compsft.errors import CompsftError
 
 from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
+from .common import model_facts
 from .spa_layers import (CONFIG_NAME, PruneSchedule, SpaConfig, attach, keep_count, load, merge, prunable_groups,
                          pruning_callback, save, target_linears)
 
@@ -207,8 +208,8 @@ def assemble(ctx: MethodContext, task_dir: Path, language_dir: Path | None) -> t
 
 
 def parameter_counts(ctx: MethodContext, task: str, settings: SpaSettings = SpaSettings()) -> dict[str, int]:
-    """Trainable adapter parameters per module at the budget's K (head not counted); stored bytes add the
-    task module's masks, one byte per unit."""
+    """Trainable adapter parameters per module at the budget's K, the task module's with its task head;
+    stored bytes add the task module's masks, one byte per unit."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     with torch.device("meta"):
@@ -222,8 +223,8 @@ def parameter_counts(ctx: MethodContext, task: str, settings: SpaSettings = SpaS
     out["task_units"] = sum(u for u, _ in groups)
     out["task_kept_units"] = sum(keep_count(settings.density, u) for u, _ in groups)
     out["task_mask_bytes"] = out["task_units"]
-    out["stored_bytes"] = 4 * (out["language_stored"] + out["task_stored"]) + out["task_mask_bytes"]
-    return per_target_totals(out)
+    return per_target_totals(out, task_head=model_facts(str(ctx.model_dir), task)["task_head"],
+                             extra_bytes=out["task_mask_bytes"])
 
 
 def make_method(name: str, settings: SpaSettings) -> MethodSpec:
