@@ -220,3 +220,57 @@ def test_dev_selection_merges_the_best_retraining_state_and_keeps_the_final_one(
     assert torch.equal(final.dense[head], res.sft.dense[head])
     assert any(not torch.equal(final.diffs[n].values, res.selected.diffs[n].values)
                for n in final.diffs if n in res.selected.diffs)
+
+
+def test_an_interrupted_retraining_resumes_after_the_search_and_equals_an_uninterrupted_run(assets):
+    """The search's architecture is saved when it ends: a run killed in the retraining resumes without
+    searching again, and its SFT is bit for bit the one of a run never interrupted."""
+    from transformers import TrainerCallback
+
+    from compsft.training.nas_pet import SEARCH_FILE
+
+    root = assets["root"]
+    kw = dict(source_sft=root / "lang", k=1500, nas_args=NasPetArguments(structured=False, rank=4, rounds=2,
+                                                                          score_steps=2),
+              search=(None, 4, 4), retrain=(None, 3, 3), max_sentences=24, max_length=32, cpu=True, lr=1e-2)
+
+    class Steps(TrainerCallback):
+        """Counts the steps run per stage (by length: the search has 4, the retraining 3); can stop one."""
+
+        def __init__(self, stop_at_retrain_step=None):
+            self.steps, self.stop = {4: 0, 3: 0}, stop_at_retrain_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps[state.max_steps] += 1
+            if state.max_steps == 3 and state.global_step == self.stop:
+                raise KeyboardInterrupt
+
+    whole = train_nas_pet_sft("pos", assets["model"], assets["train"], root / "whole", work_dir=root / "whole.work",
+                              **kw)
+    killed = Steps(stop_at_retrain_step=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_nas_pet_sft("pos", assets["model"], assets["train"], root / "again", work_dir=root / "again.work",
+                          callbacks=[killed], **kw)
+    assert killed.steps == {4: 4, 3: 2} and (root / "again.work" / SEARCH_FILE).is_file()
+    resumed_steps = Steps()
+    resumed = train_nas_pet_sft("pos", assets["model"], assets["train"], root / "again",
+                                work_dir=root / "again.work", callbacks=[resumed_steps], resume=True, **kw)
+    assert resumed_steps.steps == {4: 0, 3: 3}  # no search again
+    assert resumed.history == whole.history and resumed.survivors == whole.survivors
+    assert resumed.sft.config.training == whole.sft.config.training
+    assert set(resumed.sft.diffs) == set(whole.sft.diffs)
+    for name, d in whole.sft.diffs.items():
+        assert torch.equal(resumed.sft.diffs[name].values, d.values)
+        assert torch.equal(resumed.sft.diffs[name].indices, d.indices)
+    assert all(torch.equal(resumed.sft.dense[n], t) for n, t in whole.sft.dense.items())
+
+    # A search file from other settings, or a damaged one, is an error naming it, not a silent other search.
+    other = dict(kw, nas_args=NasPetArguments(structured=True, rank=4, rounds=2, score_steps=2))
+    with pytest.raises(CompsftError, match=f"{SEARCH_FILE}: searched with other settings"):
+        train_nas_pet_sft("pos", assets["model"], assets["train"], root / "other", work_dir=root / "again.work",
+                          resume=True, **other)
+    search = root / "again.work" / SEARCH_FILE
+    search.write_bytes(search.read_bytes()[:100])
+    with pytest.raises(CompsftError, match=f"{SEARCH_FILE}: unreadable NAS-PET search file"):
+        train_nas_pet_sft("pos", assets["model"], assets["train"], root / "other", work_dir=root / "again.work",
+                          resume=True, **kw)

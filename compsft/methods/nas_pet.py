@@ -21,6 +21,9 @@ PET parameters train at `PET_LR_SCALE` times the budget's task learning rate (Lo
 trained with learning rates around 1e-4 to 1e-3, full fine-tuning and SFTs around 5e-5).
 Model selection on source dev data (`budget.dev_checks`): checks during the retraining (the architecture
 is fixed then), the best state merged into ``dev-selected`` like the final one.
+
+Resume: the search's architecture is kept in the harness's work directory; a module interrupted in the
+retraining skips the search when the grid resumes, and retrains from the start.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ def train_task(ctx: MethodContext, data: TaskData, source_module: Path | None, s
                                 lr=b.task_lr * PET_LR_SCALE, batch_size=b.task_batch,
                                 max_length=b.task_max_length, max_sentences=b.train_sentences, seed=seed,
                                 cpu=ctx.device == "cpu", callbacks=list(ctx.callbacks), work_dir=work,
-                                selection=selection)
+                                selection=selection, resume=ctx.resume)
         if res.selected is not None:
             res.selected.save(tmp / DEV_SELECTED)
     head = sum(t.numel() for t in res.sft.dense.values())

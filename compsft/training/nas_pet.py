@@ -15,6 +15,11 @@ with 0/1 masks that pruning sets to 0. Heads (a tagger's classifier) are trained
 2. **Retrain**: the surviving architecture is re-initialised (A random, B and Δb zero, the heads
    back to their initial values) and trained for `retrain_steps` with a fresh optimizer.
 
+The found architecture (its masks and pruning history) is written to the work directory when the search
+ends (`SEARCH_FILE`), so a run resumed after an interruption in the retraining skips the search; the
+retraining then starts again from its beginning, which is where it started anyway (re-initialised, fixed
+seed), so the resumed result equals an uninterrupted one. An interruption during the search loses the search.
+
 The result is merged into the weights as a difference, ``ΔW = s · (B ⊙ M_B)(A ⊙ M_A)`` and Δb,
 stored as an ordinary compsft SFT (the entries where the difference is not zero, plus dense heads),
 so it composes with language SFTs by `compsft.apply`, as a LT-SFT task SFT does. ΔW of a matrix
@@ -37,6 +42,10 @@ from ..errors import CompsftError
 from .selection import select_top_k
 
 logger = logging.getLogger(__name__)
+
+#: the search's result in the work directory: every mask, with the settings and history as metadata
+SEARCH_FILE = "nas-pet-search.safetensors"
+SEARCH_FORMAT = "compsft-nas-pet-search/1"
 
 
 @dataclass
@@ -201,6 +210,66 @@ class PetSpace:
         self.history.append(info)
         return info
 
+    def masks(self) -> dict[str, Tensor]:
+        """Every mask by `<tensor name>:<mask>` (the architecture the search found)."""
+        out = {}
+        for name, part in self.parts.items():
+            for mask_name, mask in part.named_buffers():
+                out[f"{name}:{mask_name}"] = mask
+        return out
+
+    def save_search(self, path: Path, meta: dict, stage: dict) -> None:
+        """The found architecture, written atomically: the masks as safetensors; `meta` (plain JSON data,
+        what must match on resume), the pruning history and `stage` (the search's record) in its metadata."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from ..atomic import atomic_path
+
+        tensors = {k: m.detach().to("cpu", torch.uint8).contiguous() for k, m in self.masks().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": SEARCH_FORMAT, "meta": json.dumps(meta, sort_keys=True),
+                                                   "history": json.dumps(self.history), "stage": json.dumps(stage)})
+
+    def load_search(self, path: Path, meta: dict) -> dict:
+        """Put back a saved architecture and return the search's record; a file from other settings or a
+        damaged one is a `CompsftError`."""
+        import json
+
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = f.metadata() or {}
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+            history = json.loads(info.get("history", "null"))
+            saved_meta = json.loads(info.get("meta", "null"))
+            stage = json.loads(info.get("stage", "null"))
+        except (OSError, SafetensorError, ValueError, RecursionError) as err:
+            raise CompsftError(f"{path}: unreadable NAS-PET search file ({err}); delete it to search again") from None
+        if info.get("format") != SEARCH_FORMAT or not isinstance(history, list) or not isinstance(stage, dict):
+            raise CompsftError(f"{path}: not a NAS-PET search file ({SEARCH_FORMAT})")
+        if saved_meta != json.loads(json.dumps(meta, sort_keys=True)):
+            raise CompsftError(f"{path}: searched with other settings ({saved_meta}, now {meta}); delete it "
+                               "to search again")
+        masks = self.masks()
+        if set(saved) != set(masks):
+            raise CompsftError(f"{path}: its masks are not those of this model's search space")
+        for key, mask in masks.items():
+            value = saved[key]
+            if value.shape != mask.shape or bool((value > 1).any()):
+                raise CompsftError(f"{path}: mask {key!r} has shape {tuple(value.shape)} or values other than "
+                                   f"0/1 (expected shape {tuple(mask.shape)})")
+        with torch.no_grad():
+            for key, mask in masks.items():
+                mask.copy_(saved[key].to(mask.device, mask.dtype))
+            for part in self.parts.values():
+                for t, m in self.tensors(part):
+                    t.mul_(m)
+        self.history = history
+        return stage
+
     def reset(self, seed: int) -> None:
         """Re-initialise the surviving architecture (for the retraining)."""
         torch.manual_seed(seed)
@@ -339,6 +408,7 @@ def train_nas_pet_sft(
     cpu: bool = False,
     callbacks: list | None = None,
     selection=None,
+    resume: bool = False,
 ) -> "NasPetResult":
     """Search a PET architecture of at most K trainable entries on a task, retrain it, save it as an SFT.
 
@@ -351,7 +421,8 @@ def train_nas_pet_sft(
 
     `search` and `retrain` are (max_epochs, min_steps, max_steps), as the LT-SFT recipes' phases.
     `selection`, a `DevSelection`, scores the retraining on source dev data; the PET at its best check
-    is merged as well and returned as `NasPetResult.selected`.
+    is merged as well and returned as `NasPetResult.selected`. `resume`: take the search's result from
+    `work_dir` if an earlier run finished its search there (see the module docstring).
     """
     from transformers import AutoTokenizer, Trainer, set_seed
 
@@ -400,7 +471,15 @@ def train_nas_pet_sft(
                           logging_steps=logging_steps, weight_decay=0.0, cpu=cpu)
     collator = spec.collator(tokenizer)
     trained = {}
-    for stage, steps in (("search", search_steps), ("retrain", retrain_steps)):
+    search_file = work / SEARCH_FILE
+    meta = {"nas_pet": asdict(nas_args), "budget": budget, "space": size, "search_steps": search_steps,
+            "seed": seed, "lr": lr, "batch_size": batch_size, "sentences": len(sentences), "labels": list(labels)}
+    stages = [("search", search_steps), ("retrain", retrain_steps)]
+    if resume and search_file.is_file():
+        trained["search"] = space.load_search(search_file, meta)
+        stages = stages[1:]
+        logger.info("NAS-PET: the search's architecture from %s (%d trainable)", search_file, space.trainable())
+    for stage, steps in stages:
         if stage == "retrain":
             space.reset(seed)
             with torch.no_grad():
@@ -416,6 +495,9 @@ def train_nas_pet_sft(
         result = trainer.train()
         trained[stage] = {"steps": steps, "train_loss": round(float(result.training_loss), 5),
                           "trainable": space.trainable()}
+        if stage == "search" and int(os.environ.get("RANK", "0")) == 0:
+            work.mkdir(parents=True, exist_ok=True)
+            space.save_search(search_file, meta, trained["search"])
     deltas = space.deltas()
     survivors = space.survivors()
     chosen = None
