@@ -420,3 +420,14 @@ def test_language_modules_measure_their_dev_mlm_loss_when_the_budget_asks(world,
     # A field added later stays out of the record at its default: grids recorded before it still resume.
     assert "lang_dev_lines" not in budget_dict(get_budget("cpu"))
     assert budget_dict(dataclasses.replace(get_budget("cpu"), lang_dev_lines=200))["lang_dev_lines"] == 200
+
+
+def test_the_no_source_ablation_trains_its_task_sft_without_the_source_language_sft(world):
+    from compsft import load
+
+    ablation, plain = get_method("lt-sft-no-source"), get_method("lt-sft")
+    assert ablation.language_key == plain.language_key == "lt-sft" and ablation.task_key != plain.task_key
+    out, _ = task_module(world, ablation)
+    assert load(out).config.training["source_sft"] is None
+    out, _ = task_module(world, plain)
+    assert load(out).config.training["source_sft"] is not None
