@@ -266,7 +266,7 @@ def test_an_interrupted_retraining_resumes_after_the_search_and_equals_an_uninte
 
     # A search file from other settings, or a damaged one, is an error naming it, not a silent other search.
     other = dict(kw, nas_args=NasPetArguments(structured=True, rank=4, rounds=2, score_steps=2))
-    with pytest.raises(CompsftError, match=f"{SEARCH_FILE}: searched with other settings"):
+    with pytest.raises(CompsftError, match=f"{SEARCH_FILE}: searched with other settings \\(fields nas_pet\\)"):
         train_nas_pet_sft("pos", assets["model"], assets["train"], root / "other", work_dir=root / "again.work",
                           resume=True, **other)
     search = root / "again.work" / SEARCH_FILE

@@ -250,8 +250,11 @@ class PetSpace:
             raise CompsftError(f"{path}: unreadable NAS-PET search file ({err}); delete it to search again") from None
         if info.get("format") != SEARCH_FORMAT or not isinstance(history, list) or not isinstance(stage, dict):
             raise CompsftError(f"{path}: not a NAS-PET search file ({SEARCH_FORMAT})")
-        if saved_meta != json.loads(json.dumps(meta, sort_keys=True)):
-            raise CompsftError(f"{path}: searched with other settings ({saved_meta}, now {meta}); delete it "
+        now = json.loads(json.dumps(meta, sort_keys=True))
+        if not isinstance(saved_meta, dict) or saved_meta != now:
+            old = saved_meta if isinstance(saved_meta, dict) else {}
+            fields = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+            raise CompsftError(f"{path}: searched with other settings (fields {', '.join(fields)}); delete it "
                                "to search again")
         masks = self.masks()
         if set(saved) != set(masks):
@@ -473,7 +476,9 @@ def train_nas_pet_sft(
     trained = {}
     search_file = work / SEARCH_FILE
     meta = {"nas_pet": asdict(nas_args), "budget": budget, "space": size, "search_steps": search_steps,
-            "seed": seed, "lr": lr, "batch_size": batch_size, "sentences": len(sentences), "labels": list(labels)}
+            "seed": seed, "lr": lr, "batch_size": batch_size, "sentences": len(sentences), "labels": list(labels),
+            "model": str(model), "train": str(train), "source_sft": str(source_sft) if source_sft else None,
+            "max_length": max_length}
     stages = [("search", search_steps), ("retrain", retrain_steps)]
     if resume and search_file.is_file():
         trained["search"] = space.load_search(search_file, meta)
