@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CompsftError
-from .base import Budget, MethodContext, TaskData
+from .base import Budget, MethodContext, TaskData, per_target_totals
 
 Phase = tuple  # (max_epochs | None, min_steps | None, max_steps | None)
 
@@ -182,6 +182,13 @@ def model_facts(model_dir: str, task: str) -> dict[str, Any]:
                  task_head_tensors=len(heads), task_all=sum(p.numel() for p in model.parameters()))
     del model
     return facts
+
+
+def adapter_totals(ctx: MethodContext, task: str, counts: dict[str, int], extra_bytes: int = 0) -> dict[str, int]:
+    """`per_target_totals` of a method whose task module trains and stores the model's dense task head beside
+    its own parameters (the adapter family), so its counts compare with the SFT methods'."""
+    return per_target_totals(counts, task_head=model_facts(str(ctx.model_dir), task)["task_head"],
+                             extra_bytes=extra_bytes)
 
 
 def sft_counts(ctx: MethodContext, task: str, *, language: bool, target_language: bool) -> dict[str, int]:

@@ -34,8 +34,8 @@ from compsft.errors import CompsftError
 from compsft.jsonfile import read_json_object
 
 from .module_files import check_names, read_head, read_tensors, write_module
-from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
-from .common import model_facts
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+from .common import adapter_totals
 
 WEIGHTS_NAME = "hydra.safetensors"
 CONFIG_NAME = "hydra_config.json"
@@ -354,7 +354,7 @@ def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
         n = rank * sum(i + 3 * o for i, o in layers.values())
         out[f"{kind}_trainable"] = out[f"{kind}_stored"] = n
         out[f"{kind}_rank"] = rank
-    return per_target_totals(out, task_head=model_facts(str(ctx.model_dir), task)["task_head"])
+    return adapter_totals(ctx, task, out)
 
 
 METHOD = MethodSpec(

@@ -31,8 +31,8 @@ from compsft.errors import CompsftError
 from compsft.jsonfile import read_json_object
 
 from .adapters.recipes import load_vocab
-from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
-from .common import model_facts, module_bytes
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+from .common import adapter_totals, module_bytes
 
 #: every linear layer inside the transformer layers of a BERT-family encoder (a full-match regex for peft)
 TARGET_MODULES = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -274,7 +274,7 @@ def parameter_counts(ctx: MethodContext, task: str) -> dict[str, int]:
         rank, _ = rank_for_k(model, kind, density)
         out[f"{kind}_trainable"] = out[f"{kind}_stored"] = rank * per_rank
         out[f"{kind}_rank"] = rank
-    return per_target_totals(out, task_head=model_facts(str(ctx.model_dir), task)["task_head"])
+    return adapter_totals(ctx, task, out)
 
 
 def make_method(name: str, settings: LoraSettings, description: str, composition: str) -> MethodSpec:

@@ -24,14 +24,13 @@ from pathlib import Path
 
 from .adapters.recipes import (MadxSettings, adapter_sizes, assemble_task_model, train_language_adapter,
                                train_task_adapter)
-from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+from .common import adapter_totals
 
 
 def parameter_counts(ctx: MethodContext, task: str, settings: MadxSettings | None = None) -> dict[str, int]:
     """Trainable and stored parameters of a language adapter and of a task adapter with its task head."""
     from transformers import AutoConfig
-
-    from .common import model_facts
 
     settings = settings or MadxSettings()
     config = AutoConfig.from_pretrained(ctx.model_dir)
@@ -40,9 +39,9 @@ def parameter_counts(ctx: MethodContext, task: str, settings: MadxSettings | Non
     language = adapter_sizes(h, n, settings.lang_reduction_factor, inv)
     used = adapter_sizes(h, n, settings.lang_reduction_factor, inv, leave_out=int(settings.drop_last_language_layer))
     task_params = adapter_sizes(h, n, settings.task_reduction_factor, None)
-    return per_target_totals({"language_trainable": language, "language_stored": language, "language_used": used,
-                              "task_trainable": task_params, "task_stored": task_params},
-                             task_head=model_facts(str(ctx.model_dir), task)["task_head"])
+    return adapter_totals(ctx, task, {"language_trainable": language, "language_stored": language,
+                                      "language_used": used, "task_trainable": task_params,
+                                      "task_stored": task_params})
 
 
 def make_method(name: str, settings: MadxSettings, description: str, **keys: str) -> MethodSpec:

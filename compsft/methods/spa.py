@@ -55,8 +55,8 @@ from torch import nn
 
 from compsft.errors import CompsftError
 
-from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData, per_target_totals
-from .common import model_facts
+from .base import LanguageData, MethodContext, MethodSpec, ModuleInfo, TaskData
+from .common import adapter_totals
 from .spa_layers import (CONFIG_NAME, PruneSchedule, SpaConfig, attach, keep_count, load, merge, prunable_groups,
                          pruning_callback, save, target_linears)
 
@@ -223,8 +223,7 @@ def parameter_counts(ctx: MethodContext, task: str, settings: SpaSettings = SpaS
     out["task_units"] = sum(u for u, _ in groups)
     out["task_kept_units"] = sum(keep_count(settings.density, u) for u, _ in groups)
     out["task_mask_bytes"] = out["task_units"]
-    return per_target_totals(out, task_head=model_facts(str(ctx.model_dir), task)["task_head"],
-                             extra_bytes=out["task_mask_bytes"])
+    return adapter_totals(ctx, task, out, extra_bytes=out["task_mask_bytes"])
 
 
 def make_method(name: str, settings: SpaSettings) -> MethodSpec:
