@@ -269,6 +269,12 @@ def test_an_interrupted_retraining_resumes_after_the_search_and_equals_an_uninte
     with pytest.raises(CompsftError, match=f"{SEARCH_FILE}: searched with other settings \\(fields nas_pet\\)"):
         train_nas_pet_sft("pos", assets["model"], assets["train"], root / "other", work_dir=root / "again.work",
                           resume=True, **other)
+    (root / "model-elsewhere").symlink_to(assets["model"], target_is_directory=True)
+    for model, changed, field in [(assets["model"], {"max_length": 48}, "max_length"),
+                                  (root / "model-elsewhere", {}, "model")]:
+        with pytest.raises(CompsftError, match=f"searched with other settings \\(fields {field}\\)"):
+            train_nas_pet_sft("pos", model, assets["train"], root / "other", work_dir=root / "again.work",
+                              resume=True, **dict(kw, **changed))
     search = root / "again.work" / SEARCH_FILE
     search.write_bytes(search.read_bytes()[:100])
     with pytest.raises(CompsftError, match=f"{SEARCH_FILE}: unreadable NAS-PET search file"):
