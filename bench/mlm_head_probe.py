@@ -58,6 +58,7 @@ def main() -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
     from compsft.models.default import default_model_dir
+    from compsft.models.mlm_head import _restricted_logits
     from compsft.training.recipes import unigram_entropy
 
     torch.set_num_threads(2)
@@ -153,8 +154,7 @@ def main() -> None:
         t0 = time.time()
         for step in range(1, a.steps + 1):
             idx = torch.randint(0, H.shape[0], (a.batch,), generator=g)
-            states = head.transform(H[idx])
-            logits = states @ head.decoder.weight[subset].T + head.bias[subset]
+            logits = _restricted_logits(model.cls, H[idx], subset)
             loss = F.cross_entropy(logits, remap[Y[idx]])
             opt.zero_grad(set_to_none=True)
             loss.backward()

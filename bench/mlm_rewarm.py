@@ -50,6 +50,7 @@ def main() -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
     from compsft.models.default import default_model_dir
+    from compsft.models.mlm_head import evaluate_mlm_loss
     from compsft.training.recipes import unigram_entropy
 
     torch.set_num_threads(2)
@@ -82,8 +83,8 @@ def main() -> None:
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, return_tensors="pt")
     head = model.cls.predictions
 
-    def masked_loss(texts, max_length):
-        enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt",
+    def masked_loss(texts):
+        enc = tok(texts, truncation=True, max_length=a.max_length, padding=True, return_tensors="pt",
                   return_special_tokens_mask=True)
         batch = collator([{"input_ids": i, "special_tokens_mask": m}
                           for i, m in zip(enc["input_ids"], enc["special_tokens_mask"])])
@@ -92,17 +93,9 @@ def main() -> None:
         return F.cross_entropy(head(hidden[where]), batch["labels"][where], reduction="sum"), int(where.sum())
 
     def dev_losses():
-        model.eval()
-        out = {}
-        with torch.no_grad():
-            for code, lines in dev.items():
-                torch.manual_seed(1)
-                total = n = 0
-                for i in range(0, len(lines), 32):
-                    loss, k = masked_loss(lines[i:i + 32], 128)
-                    total += float(loss)
-                    n += k
-                out[code] = round(total / n, 4)
+        # the same seeded masking per language at every check, so the curve compares like with like
+        out = {code: round(evaluate_mlm_loss(model, tok, lines, batch_size=32, max_length=128, seed=1), 4)
+               for code, lines in dev.items()}
         model.train()
         return out
 
@@ -127,7 +120,7 @@ def main() -> None:
             pos = 0
         texts = [train[i] for i in order[pos:pos + a.batch]]
         pos += a.batch
-        loss, n = masked_loss(texts, a.max_length)
+        loss, n = masked_loss(texts)
         opt.zero_grad(set_to_none=True)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
