@@ -366,6 +366,33 @@ def test_resume_with_another_configuration_is_refused(model_dir, tmp_path):
     assert texts and all(t.startswith("compsft.languages:data/") for t in texts), texts
 
 
+def test_resume_finds_a_grid_recorded_with_absolute_text_paths(model_dir, tmp_path):
+    """Grids recorded before shipped texts were named by their place in the package hold a checkout's absolute
+    paths (runs/dep6 did); the same files under those names are the same grid, other bytes are not."""
+    from compsft.languages.catalogue import DATA_DIR
+
+    out = tmp_path / "cmp"
+    run(config(model_dir, out, seeds=1, methods=["fake-a"]))
+    path = out / "grid.json"
+    record = json.loads(path.read_text())
+    absolute = lambda t: str(DATA_DIR.parent / t.removeprefix("compsft.languages:"))  # noqa: E731
+    record["source"]["texts"] = [absolute(t) for t in record["source"]["texts"]]
+    for target in record["targets"]:
+        target["texts"] = [absolute(t) for t in target["texts"]]
+    assert all(Path(t).is_file() for t in record["targets"][0]["texts"])
+    path.write_text(json.dumps(record))
+    CALLS.clear()
+    assert len(run(config(model_dir, out, seeds=1, methods=["fake-a"], resume=True))["cells"]) == 2
+    assert not CALLS  # nothing trained or assembled again
+    # a recorded path whose bytes differ from the shipped file is another grid
+    other = tmp_path / "other.txt"
+    other.write_text("not the shipped text\n", encoding="utf-8")
+    record["targets"][0]["texts"] = [str(other)]
+    path.write_text(json.dumps(record))
+    with pytest.raises(CompsftError, match=r"--resume with another configuration \(targets"):
+        run(config(model_dir, out, seeds=1, methods=["fake-a"], resume=True))
+
+
 # -- outputs ------------------------------------------------------------------------------------------
 def test_outputs_exist_and_agree(model_dir, tmp_path):
     out = tmp_path / "cmp"

@@ -73,7 +73,8 @@ def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False, extend: 
     if not isinstance(old, dict):
         raise CompsftError(f"{path}: not a grid file")
     free = EXTENSIBLE if extend else ()
-    changed = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k) and k not in free]
+    changed = [k for k in sorted(set(old) | set(record))
+               if _by_content(k, old.get(k)) != _by_content(k, record.get(k)) and k not in free]
     if changed:
         detail = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(record.get(k))} now"
                            for k in changed)
@@ -86,6 +87,40 @@ def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False, extend: 
     if extended:
         write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return extended
+
+
+_SHIPPED = "compsft.languages:"
+
+
+def _text_identity(text: Any) -> Any:
+    """A recorded text file as the bytes it holds, where it can be read. Grids recorded before shipped texts
+    were named by their place in the package (`compsft.languages:data/...`) hold a checkout's absolute paths;
+    the same files under either name are the same grid, as they are the same module keys."""
+    if not isinstance(text, str):
+        return text
+    if text.startswith(_SHIPPED):
+        from compsft.languages.catalogue import DATA_DIR
+
+        path = DATA_DIR.parent / text[len(_SHIPPED):]
+    else:
+        path = Path(text)
+    try:
+        return "sha256:" + file_digest(path) if path.is_file() else text
+    except CompsftError:
+        return text
+
+
+def _by_content(key: str, value: Any) -> Any:
+    """A grid record's `source` or `targets` entry with its texts compared by content (`_text_identity`)."""
+    if key not in ("source", "targets"):
+        return value
+    entries = value if isinstance(value, list) else [value]
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("texts"), list):
+            entry = {**entry, "texts": [_text_identity(t) for t in entry["texts"]]}
+        out.append(entry)
+    return out if isinstance(value, list) else out[0]
 
 
 def _common(grid: Grid, seed: int, budget: dict[str, Any]) -> dict[str, Any]:
