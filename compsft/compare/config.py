@@ -145,6 +145,10 @@ class Grid:
         }
 
 
+#: how a grid record names a shipped text file: by its place in the `compsft.languages` package
+SHIPPED = "compsft.languages:"
+
+
 def _portable(texts: Sequence[str]) -> list[str]:
     """Shipped text files by their place in the package (`compsft.languages:data/eng/udhr.txt.gz`), so a
     grid recorded in one checkout or install is resumed from another; the user's own files by their paths."""
@@ -153,10 +157,19 @@ def _portable(texts: Sequence[str]) -> list[str]:
     out = []
     for text in texts:
         try:
-            out.append("compsft.languages:data/" + Path(text).resolve().relative_to(DATA_DIR).as_posix())
+            out.append(SHIPPED + "data/" + Path(text).resolve().relative_to(DATA_DIR).as_posix())
         except ValueError:
             out.append(str(text))
     return out
+
+
+def recorded_text_path(text: str) -> Path:
+    """The file a grid record's text entry names (the inverse of `_portable`)."""
+    if text.startswith(SHIPPED):
+        from compsft.languages.catalogue import DATA_DIR
+
+        return DATA_DIR.parent / text[len(SHIPPED):]
+    return Path(text)
 
 
 # -- targets -----------------------------------------------------------------------------------------

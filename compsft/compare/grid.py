@@ -32,7 +32,7 @@ from typing import Any
 from compsft.errors import CompsftError
 
 from .budgets import budget_dict, language_budget
-from .config import Grid, LanguageSide
+from .config import Grid, LanguageSide, recorded_text_path
 
 GRID_FILE = "grid.json"
 MODULE_FILE = "module.json"
@@ -89,21 +89,13 @@ def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False, extend: 
     return extended
 
 
-_SHIPPED = "compsft.languages:"
-
-
 def _text_identity(text: Any) -> Any:
     """A recorded text file as the bytes it holds, where it can be read. Grids recorded before shipped texts
     were named by their place in the package (`compsft.languages:data/...`) hold a checkout's absolute paths;
     the same files under either name are the same grid, as they are the same module keys."""
     if not isinstance(text, str):
         return text
-    if text.startswith(_SHIPPED):
-        from compsft.languages.catalogue import DATA_DIR
-
-        path = DATA_DIR.parent / text[len(_SHIPPED):]
-    else:
-        path = Path(text)
+    path = recorded_text_path(text)
     try:
         return "sha256:" + file_digest(path) if path.is_file() else text
     except CompsftError:
