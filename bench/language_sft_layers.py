@@ -29,21 +29,16 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_LAYER = re.compile(r"\.layer\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    """The encoder layer a parameter belongs to; None for embeddings and anything outside the layers."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
 
 def parse_variant(text: str) -> tuple[str, object]:
     """'A-B' (encoder layers A..B), 'random-P' (a random share P of the entries), 'all' or 'none'."""
     if text in ("all", "none"):
         return text, text
     if text.startswith("random-"):
-        share = float(text[len("random-"):])
+        try:
+            share = float(text[len("random-"):])
+        except ValueError:
+            share = -1.0
         if not 0 < share < 1:
             raise ValueError(f"{text!r}: the share must be between 0 and 1")
         return text, share
@@ -58,18 +53,18 @@ def part_of(sft, rule, generator):
     import torch
 
     from compsft.sft import SparseDelta, SparseFineTuning
+    from compsft.training.params import encoder_layer
 
     if rule == "all":
-        diffs = dict(sft.diffs)
-    elif isinstance(rule, float):
+        return sft.restricted(lambda n: True)
+    if isinstance(rule, float):
         diffs = {}
         for name, d in sft.diffs.items():
             keep = torch.rand(d.nnz, generator=generator) < rule
             diffs[name] = SparseDelta(d.shape, d.indices[keep].clone(), d.values[keep].clone())
-    else:
-        low, high = rule
-        diffs = {n: d for n, d in sft.diffs.items() if (layer := layer_of(n)) is not None and low <= layer <= high}
-    return SparseFineTuning(diffs=diffs, dense={}, config=copy.deepcopy(sft.config))
+        return SparseFineTuning(diffs=diffs, dense={}, config=copy.deepcopy(sft.config))
+    low, high = rule
+    return sft.restricted(lambda n: (layer := encoder_layer(n)) is not None and low <= layer <= high)
 
 
 def module_dir(grid_dir: Path, recorded: str) -> Path:
@@ -189,7 +184,8 @@ def main() -> None:
         lines.append(f"| {name} | {summary[name]['mean']:.4f} | {' | '.join(fmt(vs_none))} | "
                      f"{' | '.join(fmt(vs_all))} | {len(pairs)} |")
     checked = sum("recorded" in r for r in records)
-    lines += ["", f"Reproduced the grid's own task-sft-only and lt-sft scores: {checked - len(mismatched)} of {checked}."]
+    if checked:
+        lines += ["", f"Reproduced the grid's own task-sft-only and lt-sft scores: {checked - len(mismatched)} of {checked}."]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"grid": str(a.grid), "dev": dev, "records": records, "summary": summary}, indent=1))
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

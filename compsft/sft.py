@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -266,6 +266,12 @@ class SparseFineTuning:
         """A copy with every sparse value multiplied by `scale` (dense parameters unchanged)."""
         diffs = {n: SparseDelta(d.shape, d.indices, d.values * scale) for n, d in self.diffs.items()}
         return SparseFineTuning(diffs, self.dense, dataclasses.replace(self.config))
+
+    def restricted(self, keep: Callable[[str], bool]) -> "SparseFineTuning":
+        """A copy with the sparse differences of the parameters `keep` accepts and no dense parameters: part
+        of a language SFT composed on part of the model (`lt-sft-upper`)."""
+        diffs = {n: d for n, d in self.diffs.items() if keep(n)}
+        return SparseFineTuning(diffs, {}, dataclasses.replace(self.config))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseFineTuning":
         diffs = {n: d.to(device, dtype) for n, d in self.diffs.items()}

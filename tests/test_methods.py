@@ -431,3 +431,26 @@ def test_the_no_source_ablation_trains_its_task_sft_without_the_source_language_
     assert load(out).config.training["source_sft"] is None
     out, _ = task_module(world, plain)
     assert load(out).config.training["source_sft"] is not None
+
+
+def test_lt_sft_upper_composes_the_language_sft_on_the_upper_layers_only(world):
+    """Lower layers and embeddings as task-sft-only has them (θ0 + φ_T), upper layers as lt-sft (+ φ_L)."""
+    from compsft.training.params import encoder_layer
+
+    plain, upper, task_only = get_method("lt-sft"), get_method("lt-sft-upper"), get_method("task-sft-only")
+    out, _ = task_module(world, plain)
+    target = language_module(world, plain, "mlt")
+    ctx = world["ctx"]
+    full = state(plain.assemble(ctx, out, target)[0])
+    without = state(task_only.assemble(ctx, out, target)[0])
+    model = upper.assemble(ctx, out, target)[0]
+    mine = state(model)
+    half = model.config.num_hidden_layers // 2
+    moved_lower = moved_upper = 0
+    for name, value in mine.items():
+        layer = encoder_layer(name)
+        expected = full[name] if layer is not None and layer >= half else without[name]
+        assert torch.equal(value, expected), name
+        moved_lower += layer is not None and layer < half and not torch.equal(full[name], without[name])
+        moved_upper += layer is not None and layer >= half and not torch.equal(full[name], without[name])
+    assert moved_lower and moved_upper  # φ_L has entries on both halves, so the test can tell them apart

@@ -97,9 +97,10 @@ def train_task_module(ctx: MethodContext, data: TaskData, source_module: Path | 
 
 
 def assemble_sfts(ctx: MethodContext, task_module: Path, language_module: Path | None, *,
-                  subdir: str | None = None) -> tuple:
+                  subdir: str | None = None, language_part: Callable | None = None) -> tuple:
     """θ0 + φ_L + φ_T on a task model: the target language SFT without its MLM head, the task SFT
-    with its head. The model is reused from the previous call with every SFT reverted first."""
+    with its head. The model is reused from the previous call with every SFT reverted first.
+    `language_part(sft, model)`: the part of φ_L to compose (`upper_layers`); all of it by default."""
     from ..merge import apply
     from ..serialization import load_sft
 
@@ -111,10 +112,22 @@ def assemble_sfts(ctx: MethodContext, task_module: Path, language_module: Path |
     model = task_model(ctx, task_sft.config.task, labels)
     sfts, heads = [task_sft], [True]
     if language_module is not None:
-        sfts.insert(0, load_sft(language_module))
+        language = load_sft(language_module)
+        sfts.insert(0, language_part(language, model) if language_part else language)
         heads.insert(0, False)  # the MLM head has no place on a task model
     apply(model, *sfts, with_dense=heads)
     return model, labels
+
+
+def upper_layers(sft, model):
+    """The entries of `sft` on the upper half of the model's encoder layers (layers ≥ L // 2)."""
+    from ..training.params import encoder_layer
+
+    layers = model.config.num_hidden_layers
+    if not any(encoder_layer(name) is not None for name in sft.diffs):
+        raise CompsftError(f"{sft.source or 'the language SFT'}: no entry on a numbered encoder layer "
+                           f"(parameter names like 'encoder.layer.3.…'), so there is no upper half to keep")
+    return sft.restricted(lambda name: (layer := encoder_layer(name)) is not None and layer >= layers // 2)
 
 
 def assemble_without_language(ctx: MethodContext, task_module: Path, language_module: Path | None = None,

@@ -168,6 +168,16 @@ def resolve_k(num_eligible: int, k: int | None = None, density: float | None = N
     return min(num_eligible, adapter_equivalent_k(h, layers, kind))
 
 
+_ENCODER_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def encoder_layer(name: str) -> int | None:
+    """The index of the encoder layer a parameter belongs to (`bert.encoder.layer.3.…` → 3); None for the
+    embeddings, heads and anything else outside the layers."""
+    m = _ENCODER_LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
 def layer_type(name: str) -> str:
     """A parameter's layer type: its name with layer numbers replaced by '*'."""
     return re.sub(r"\.\d+\.", ".*.", name)

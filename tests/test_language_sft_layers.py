@@ -1,13 +1,19 @@
-"""bench/language_sft_layers.py: the parts of a language SFT it composes are the parts it names (issue 13)."""
+"""Parts of a language SFT by encoder layer (issue 13): `encoder_layer`, `SparseFineTuning.restricted`,
+`lt-sft-upper`'s `upper_layers` and bench/language_sft_layers.py keep exactly the parts they name."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from compsft.errors import CompsftError
+from compsft.methods import get_method
+from compsft.methods.sft_method import upper_layers
 from compsft.sft import SparseDelta, SparseFineTuning
+from compsft.training.params import encoder_layer
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("language_sft_layers", REPO / "bench" / "language_sft_layers.py")
@@ -26,18 +32,45 @@ def _sft() -> SparseFineTuning:
     return SparseFineTuning(diffs=diffs, dense={"cls.predictions.bias": torch.zeros(20)})
 
 
-def test_layer_of_reads_the_encoder_layer_and_nothing_else():
-    assert layers.layer_of("bert.encoder.layer.10.attention.self.query.weight") == 10
-    assert layers.layer_of("roberta.encoder.layer.0.output.dense.bias") == 0
-    assert layers.layer_of("bert.embeddings.word_embeddings.weight") is None
-    assert layers.layer_of("cls.predictions.transform.dense.weight") is None
+def test_encoder_layer_reads_the_encoder_layer_and_nothing_else():
+    assert encoder_layer("bert.encoder.layer.10.attention.self.query.weight") == 10
+    assert encoder_layer("roberta.encoder.layer.0.output.dense.bias") == 0
+    assert encoder_layer("model.layers.7.attn.Wqkv.weight") == 7
+    assert encoder_layer("bert.embeddings.word_embeddings.weight") is None
+    assert encoder_layer("cls.predictions.transform.dense.weight") is None
+    assert encoder_layer("bert.encoder.player.3.weight") is None
+
+
+def test_restricted_keeps_the_accepted_differences_as_they_are_and_no_dense_parameters():
+    sft = _sft()
+    part = sft.restricted(lambda n: "query" in n)
+    assert set(part.diffs) == {n for n in sft.diffs if "query" in n} and part.dense == {}
+    assert all(part.diffs[n] is sft.diffs[n] for n in part.diffs)
+    assert part.k == sum(sft.diffs[n].nnz for n in part.diffs) and sft.dense  # the original is untouched
+    assert sft.k == sum(d.nnz for d in sft.diffs.values())
+
+
+def test_upper_layers_keeps_the_upper_half_of_the_encoder_only():
+    sft = _sft()
+    part = upper_layers(sft, SimpleNamespace(config=SimpleNamespace(num_hidden_layers=12)))
+    assert {encoder_layer(n) for n in part.diffs} == set(range(6, 12)) and part.dense == {}
+    odd = upper_layers(sft, SimpleNamespace(config=SimpleNamespace(num_hidden_layers=5)))
+    assert {encoder_layer(n) for n in odd.diffs} == {2, 3, 4, 5, 6, 7, 8, 9, 10, 11}
+    only_embeddings = sft.restricted(lambda n: "embeddings" in n)
+    with pytest.raises(CompsftError, match="no entry on a numbered encoder layer"):
+        upper_layers(only_embeddings, SimpleNamespace(config=SimpleNamespace(num_hidden_layers=12)))
+
+
+def test_lt_sft_upper_shares_lt_sft_modules_and_composes_less_of_the_language_sft():
+    upper, plain = get_method("lt-sft-upper"), get_method("lt-sft")
+    assert upper.language_key == plain.language_key == "lt-sft" == upper.task_key == plain.task_key
+    assert upper.assemble.keywords["language_part"] is upper_layers
 
 
 def test_a_layer_range_keeps_exactly_its_layers_inclusive_and_drops_the_head():
     sft = _sft()
     part = layers.part_of(sft, (6, 11), None)
-    kept = {layers.layer_of(n) for n in part.diffs}
-    assert kept == set(range(6, 12))
+    assert {encoder_layer(n) for n in part.diffs} == set(range(6, 12))
     assert part.dense == {}
     for name, delta in part.diffs.items():
         assert torch.equal(delta.indices, sft.diffs[name].indices)
@@ -65,7 +98,7 @@ def test_a_random_share_keeps_a_subset_of_that_size_with_its_own_values():
     assert all(torch.equal(again.diffs[n].indices, part.diffs[n].indices) for n in part.diffs)
 
 
-@pytest.mark.parametrize("text", ["11-6", "6", "a-b", "random-0", "random-1.5"])
+@pytest.mark.parametrize("text", ["11-6", "6", "a-b", "random-0", "random-1.5", "random-x"])
 def test_bad_variants_are_refused(text):
     with pytest.raises(ValueError, match=text):
         layers.parse_variant(text)
