@@ -19,7 +19,7 @@ differences against `none` and `all`, each with a 95% t-interval over targets ×
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import os
 import re
@@ -62,15 +62,9 @@ def part_of(sft, rule, generator):
         for name, d in sft.diffs.items():
             keep = torch.rand(d.nnz, generator=generator) < rule
             diffs[name] = SparseDelta(d.shape, d.indices[keep].clone(), d.values[keep].clone())
-        return SparseFineTuning(diffs=diffs, dense={}, config=copy.deepcopy(sft.config))
+        return SparseFineTuning(diffs, {}, dataclasses.replace(sft.config))
     low, high = rule
     return sft.restricted(lambda n: (layer := encoder_layer(n)) is not None and low <= layer <= high)
-
-
-def module_dir(grid_dir: Path, recorded: str) -> Path:
-    """A cell's module directory: grids record it relative to their own directory (older ones absolute)."""
-    path = Path(recorded)
-    return (path if path.is_absolute() else grid_dir / path) / "module"
 
 
 def recorded_score(grid_dir: Path, cell: dict, variant: str, metric: str) -> float | None:
@@ -100,6 +94,7 @@ def main() -> None:
 
     from compsft.compare.budgets import Budget
     from compsft.compare.config import PRIMARY_METRIC
+    from compsft.compare.grid import recorded_path
     from compsft.compare.stats import paired_interval
     from compsft.merge import apply
     from compsft.methods.base import MethodContext
@@ -135,9 +130,9 @@ def main() -> None:
         if cell.get("status") != "ok" or code not in wanted:
             continue
         modules = cell["modules"]
-        task_dir = module_dir(a.grid, modules["task"]["dir"])
+        task_dir = recorded_path(modules["task"]["dir"], a.grid) / "module"
         task_sft = load_sft(task_dir)
-        lang_sft = load_sft(module_dir(a.grid, modules["target_language"]["dir"]))
+        lang_sft = load_sft(recorded_path(modules["target_language"]["dir"], a.grid) / "module")
         labels = sft_labels(task_sft, task_dir)
         sentences = task.read(dev[code] if code in dev else resolve_data(tests[code]))
         gold = task.prepare_gold(sentences[:n_sentences] if n_sentences else sentences, labels)

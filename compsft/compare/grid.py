@@ -163,6 +163,20 @@ def cell_path(out: Path, method: str, target: str, seed: int, failed: bool = Fal
     return out / "cells" / method / target / (f"seed{seed}.failed.json" if failed else f"seed{seed}.json")
 
 
+def relative_path(path: Path, root: Path) -> str:
+    """How results record a path: relative to the grid's directory where it lies inside, else absolute."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def recorded_path(recorded: str, root: Path) -> Path:
+    """The path a result records (the inverse of `relative_path`)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else root / path
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON file the harness wrote, or None if it is not there (or not readable: it is then redone)."""
     try:

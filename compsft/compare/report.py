@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import REFERENCE_METHOD, Grid
+from .grid import relative_path
 from .stats import paired_differences, summarise
 
 VARIANTS = {"fixed": "fixed budget", "dev_selected": "selected on source dev"}
@@ -51,7 +52,7 @@ def build_results(grid: Grid, cells: Sequence[dict], methods: dict[str, dict], d
         summary.pop("dev_selected")
     results: dict[str, Any] = {
         "compsft_compare": 1,
-        "settings": {**grid.record(), "device": device, "module_cache": _relative(grid.module_cache, grid.out),
+        "settings": {**grid.record(), "device": device, "module_cache": relative_path(grid.module_cache, grid.out),
                      "exclude": list(grid.exclude)},
         "metric": metric,
         "versions": versions(),
@@ -74,12 +75,6 @@ def build_results(grid: Grid, cells: Sequence[dict], methods: dict[str, dict], d
         }
     return results
 
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path.resolve())
 
 
 def _per_method(cells: Sequence[dict], method: str, info: dict) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from typing import Any, Callable
 from compsft.methods import DEV_SELECTED, LanguageData, MethodContext, ModuleInfo, TaskData, get_method
 
 from .config import Grid, LanguageSide, Target
-from .grid import MODULE_FILE, cell_path, language_module_dir, read_json, task_module_dir, write_json
+from .grid import (MODULE_FILE, cell_path, language_module_dir, read_json, relative_path, task_module_dir,
+                   write_json)
 from .progress import Reporter, step_callback
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class GridRunner:
                 raise ModuleFailed(f"{label} failed earlier in this run: {self._failed_modules[key_dir]}")
             info = self._train(out, work, info_file, label, train, times, key_dir)
         # `resumed` stays in module.json: a resumed grid's results must equal an uninterrupted one's.
-        modules[role] = {"dir": _relative(key_dir, self.grid.out), **{k: v for k, v in info.items() if k != "resumed"}}
+        modules[role] = {"dir": relative_path(key_dir, self.grid.out), **{k: v for k, v in info.items() if k != "resumed"}}
         return out
 
     def _train(self, out: Path, work: Path, info_file: Path, label: str, train, times: CellTimes,
@@ -256,10 +257,3 @@ def _selected_final_step(task_module: dict[str, Any]) -> bool:
     """Whether the task module's dev selection kept its final step (then the selected state is the final one)."""
     sel = (task_module.get("extra") or {}).get("dev_selected")
     return isinstance(sel, dict) and sel.get("step") is not None and sel.get("step") == sel.get("of_steps")
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path.resolve())
