@@ -495,15 +495,41 @@ def test_mosa_split_masks_partition_and_merge_is_dense():
     adapter.train()
     for i in range(3):
         controller.active = i
-        part = layer.weight
-        assert torch.all((part == 0) | (part == dense["layers.0.adapter_up.weight"]))
-        seen += (part != 0).float()
+        assert torch.equal(layer.weight, dense["layers.0.adapter_up.weight"])  # the forward sees all of W
+        layer.parametrizations.weight.original.grad = None
+        layer.weight.sum().backward()  # d/dW of sum(W) is 1 wherever the gradient is let through
+        grad = layer.parametrizations.weight.original.grad
+        assert torch.all((grad == 0) | (grad == 1))
+        seen += grad
     assert torch.equal(seen, torch.ones_like(seen))  # disjoint and covering: every entry in exactly one
     draws = {controller.draw(step) for step in range(20)}
     assert draws == {0, 1, 2} and controller.draw(5) == controller.draw(5)  # random, reproducible per step
     split.merge(adapter, controller)
     for k, v in adapter.tensors().items():  # back to plain parameters, values unchanged
         assert torch.equal(v, dense[k]), k
+
+
+def test_mosa_trains_the_model_it_merges():
+    """While a sub-module is active the adapter computes what the merged adapter computes; only the gradient
+    is sparse. (A forward through the active sub-module's entries alone trained sub-modules whose merge
+    predicted one tag for every token on the default model.)"""
+    from compsft.methods.adapters import split
+
+    for shared in (None, "down"):
+        model = _tiny_tagger()
+        adapter = add_adapter(model, "a", _config(reduction_factor=2))
+        _randomise(adapter, 7)
+        layer = adapter.layers["0"]
+        g = torch.Generator().manual_seed(1)
+        x, residual = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+        adapter.eval()
+        merged = layer(x, residual).detach()
+        controller = split.SplitController(4, seed=0)
+        split.split(adapter, controller, seed=0, shared=shared)
+        adapter.train()
+        for i in range(4):
+            controller.active = i
+            torch.testing.assert_close(layer(x, residual), merged, rtol=0, atol=0)
 
 
 def test_mosa_train_language_task_assemble(tiny_world, tmp_path):
@@ -572,10 +598,12 @@ def test_mosa_hier_masks_partition_every_level_and_merge_is_dense():
         seen = torch.zeros_like(dense_up)
         for i in range(4):
             controller.active = i
-            part = up.weight
-            assert torch.all((part == 0) | (part == dense_up))  # a sub-module is a subset of W's entries
-            assert (part != 0).any()  # and not empty
-            seen += (part != 0).float()
+            assert torch.equal(up.weight, dense_up)  # the forward sees all of W
+            up.parametrizations.weight.original.grad = None
+            up.weight.sum().backward()
+            grad = up.parametrizations.weight.original.grad  # 1 on sub-module i's entries, 0 elsewhere
+            assert torch.all((grad == 0) | (grad == 1)) and grad.any()  # a subset of W's entries, not empty
+            seen += grad
             # the shared level: one part, every entry, whichever sub-module is active
             assert not _parametrized(down) and torch.equal(down.weight, dense_down)
         assert torch.equal(seen, torch.ones_like(seen))  # disjoint and covering: every entry in exactly one
