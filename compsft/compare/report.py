@@ -76,7 +76,6 @@ def build_results(grid: Grid, cells: Sequence[dict], methods: dict[str, dict], d
     return results
 
 
-
 def _per_method(cells: Sequence[dict], method: str, info: dict) -> dict[str, Any]:
     """The method's actual sizes (from its trained modules) and its mean training time per cell."""
     ok = [c for c in cells if c["method"] == method and c.get("status") == "ok"]
