@@ -693,3 +693,22 @@ def test_report_only_needs_a_grid_with_the_same_settings(model_dir, tmp_path):
     run(config(model_dir, tmp_path / "cmp", seeds=1))
     with pytest.raises(CompsftError, match="another configuration"):
         run(config(model_dir, tmp_path / "cmp", seeds=2, report_only=True))
+
+
+def test_recorded_paths_are_relative_inside_the_grid_and_resolve_from_any_directory(tmp_path, monkeypatch):
+    """Results record a module inside the grid relative to it (a grid moved or resumed in another checkout
+    still finds its modules) and one outside it absolute; `recorded_path` turns both back into the file."""
+    from compsft.compare.grid import recorded_path, relative_path
+
+    grid, outside = tmp_path / "grid", tmp_path / "cache" / "modules" / "m"
+    inside = grid / "modules" / "task" / "m"
+    inside.mkdir(parents=True)
+    outside.mkdir(parents=True)
+    assert relative_path(inside, grid) == os.path.join("modules", "task", "m")
+    assert Path(relative_path(outside, grid)).is_absolute()
+    monkeypatch.chdir(tmp_path / "cache")  # not the grid: a recorded relative path must not lean on the cwd
+    assert recorded_path(relative_path(inside, grid), grid).resolve() == inside.resolve()
+    assert recorded_path(relative_path(outside, grid), grid).resolve() == outside.resolve()
+    moved = tmp_path / "moved"
+    grid.rename(moved)
+    assert recorded_path(relative_path(inside, grid), moved).is_dir()
