@@ -93,3 +93,16 @@ def test_compare_examples_use_only_real_options_and_methods(tmp_path):
         if "--methods" in line:
             for name in line[line.index("--methods") + 1].split(","):
                 assert name in list_methods(), f"README names an unknown method {name!r}"
+
+
+def test_bench_commands_name_real_scripts_and_options():
+    """Every `python bench/NAME.py ...` README shows (inline or in a block) runs a script that exists with
+    options it defines: the figures' recipes must be runnable as written."""
+    commands = re.findall(r"python bench/(\w+)\.py((?:[^`\n]|\n(?!\n))*)", re.sub(r"\\\n\s*", " ", README))
+    assert len(commands) >= 10
+    for name, args in commands:
+        script = ROOT / "bench" / f"{name}.py"
+        assert script.is_file(), f"README: no bench/{name}.py"
+        source = script.read_text(encoding="utf-8")
+        for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", args.split("`")[0]):
+            assert f'"{option}"' in source, f"README: bench/{name}.py has no option {option}"
