@@ -53,19 +53,17 @@ def _plain(x: float | None) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
-def _signed(x: float | None) -> str:
-    return "–" if x is None else f"{x:+.4f}"
-
-
 def report_lines(points: list[dict], methods: list[str], what: str) -> list[str]:
     """gain.md: the gain of lt-sft per point, the other methods against task-sft-only, the dev MLM losses.
     Scores and intervals of cells that failed or have too few pairs are shown as '–'."""
+    from compsft.compare.report import fmt_difference
+
     lines = [f"# lt-sft − task-sft-only vs language MLM steps ({what})", "",
              "| MLM steps per phase | lr | gain | 95% interval | pairs | lt-sft | task-sft-only | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for p in points:
-        ci = f"[{p['interval'][0]:+.4f}, {p['interval'][1]:+.4f}]" if p["interval"] else "–"
-        lines.append(f"| {p['lang_steps']} | {p['lang_lr']:g} | {_signed(p['gain'])} | {ci} | {p['n']} | "
+        gain, ci = fmt_difference(p["gains_over_task_sft_only"]["lt-sft"])
+        lines.append(f"| {p['lang_steps']} | {p['lang_lr']:g} | {gain} | {ci} | {p['n']} | "
                      f"{_plain(p['scores']['lt-sft'])} | {_plain(p['scores']['task-sft-only'])} | {p['seconds']:.0f} |")
     others = [m for m in methods if m not in ("lt-sft", "task-sft-only")]
     if others:
@@ -75,9 +73,8 @@ def report_lines(points: list[dict], methods: list[str], what: str) -> list[str]
         for p in points:
             for m in others:
                 g = p["gains_over_task_sft_only"][m]
-                ci = f"[{g['low']:+.4f}, {g['high']:+.4f}]" if g["low"] is not None else "–"
-                lines.append(f"| {p['lang_steps']} | {m} | {_plain(p['scores'][m])} | {_signed(g['mean'])} | "
-                             f"{ci} | {g['n']} |")
+                lines.append(f"| {p['lang_steps']} | {m} | {_plain(p['scores'][m])} | "
+                             f"{' | '.join(fmt_difference(g))} | {g['n']} |")
     lines += ["", "Dev MLM loss on held-out lines (nats): before → after, and the unigram entropy of the training "
                   "text (a frequency-only predictor's loss).", "",
               "| MLM steps | language | before | after | unigram entropy |", "|---|---|---|---|---|"]

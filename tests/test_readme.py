@@ -104,5 +104,5 @@ def test_bench_commands_name_real_scripts_and_options():
         script = ROOT / "bench" / f"{name}.py"
         assert script.is_file(), f"README: no bench/{name}.py"
         source = script.read_text(encoding="utf-8")
-        for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", args.split("`")[0]):
+        for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", args):
             assert f'"{option}"' in source, f"README: bench/{name}.py has no option {option}"

@@ -174,13 +174,16 @@ def table_rows(results: dict[str, Any], variant: str) -> tuple[list[str], list[l
     return header, rows
 
 
+def fmt_difference(d: dict) -> tuple[str, str]:
+    """A paired difference (`stats.paired_interval`) as its mean and its interval, '–' where too few pairs."""
+    mean = "–" if d["mean"] is None else f"{d['mean']:+.4f}"
+    interval = "–" if d["low"] is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+    return mean, interval
+
+
 def difference_rows(results: dict[str, Any], variant: str) -> list[list[str]]:
-    rows = []
-    for m, d in (results.get("paired_differences") or {}).get(variant, {}).items():
-        interval = "–" if d["low"] is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-        mean = "–" if d["mean"] is None else f"{d['mean']:+.4f}"
-        rows.append([m, mean, interval, str(d["n"])])
-    return rows
+    return [[m, *fmt_difference(d), str(d["n"])]
+            for m, d in (results.get("paired_differences") or {}).get(variant, {}).items()]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
