@@ -236,6 +236,28 @@ def test_language_modules_are_keyed_by_language_fields_and_text_bytes(model_dir,
     assert grid("d", lang_lr=5e-3) == (3, 2, 3)  # a language field: new language modules, so a new task module
 
 
+def test_grids_of_other_targets_share_a_language_module_unless_their_evaluation_files_drop_its_lines(
+        model_dir, tmp_path):
+    """Another target set brings other evaluation files into the leakage filter; a language module is trained
+    again only where they drop lines of its text, since only then does it train on other lines."""
+    from compsft.languages import iter_corpus_lines
+    from compsft.tasks import data_path
+
+    maltese = next(s for s in iter_corpus_lines([data_path("ud:mt_mudt:test")]) if len(s) > 40)
+    text = tmp_path / "own.txt"
+    text.write_text(f"Jamm nga fanaane ?\n{maltese}\nMaa ngi fi rekk .\n", encoding="utf-8")
+    cache = tmp_path / "modules"
+
+    def grid(out, other):
+        run(config(model_dir, tmp_path / out, methods=["fake-a"], seeds=1, module_cache=str(cache),
+                   targets=[f"own=ud:wo_wtb:test:{text}", other]))
+        return CALLS[("language", "fake-a", "own", 42)], CALLS[("language", "fake-a", "eng", 42)]
+
+    assert grid("a", "wol") == (1, 1)
+    assert grid("b", "glv") == (1, 1)  # Manx files drop nothing from either text: both modules reused
+    assert grid("c", "mlt") == (2, 1)  # the Maltese test sentence leaves `own`'s text: a new module
+
+
 def test_task_modules_are_keyed_by_the_source_data_bytes(model_dir, tmp_path):
     """Training data edited in place trains a new task module (and no new language module)."""
     from training_helpers import first_sentences
@@ -323,6 +345,11 @@ def test_resume_after_sigkill_gives_the_same_results(model_dir, tmp_path):
     settings = dict(task="pos", targets=["wol", "mlt"], methods=["fake-a", "fake-c"], seeds=2, model=str(model_dir),
                     device="cpu")
     killed = tmp_path / "killed"
+
+    def partial_modules():
+        return [d for d in (killed / "modules").glob("*/*/*")
+                if (d / "module").is_dir() and not (d / "module.json").exists()]
+
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(here=str(HERE)),
                              json.dumps({**settings, "out": str(killed)})], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -332,16 +359,19 @@ def test_resume_after_sigkill_gives_the_same_results(model_dir, tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no cell finished in time"
             time.sleep(0.05)
-        time.sleep(0.3)  # into the next module (each sleeps 1 s in the child)
+        # Into the next module (each sleeps 1 s in the child); waited for, not timed: keying a language
+        # module reads its text through the leakage filter first, slower on a loaded machine.
+        while not partial_modules():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no module started after the first cell"
+            time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
         proc.stderr.close()
     done_before = len(list((killed / "cells").glob("*/*/seed*.json")))
     assert 1 <= done_before < 8 and not (killed / "results.json").exists()
-    partial = [d for d in (killed / "modules").glob("*/*/*")
-               if (d / "module").is_dir() and not (d / "module.json").exists()]
-    assert partial, "the kill should leave a module half-written"
+    assert partial_modules(), "the kill should leave a module half-written"
 
     resumed = run(config(model_dir, killed, resume=True))
     assert len(resumed["cells"]) == 8 and all(c["status"] == "ok" for c in resumed["cells"])

@@ -13,10 +13,11 @@ Layout under ``--out`` (modules may live elsewhere with `module_cache`, shared b
     cells/<method>/<target>/seed<S>.failed.json   a failed cell (message, traceback); retried on --resume
     results.json  results.csv  results.md  plot.png
 
-A language module is keyed by (language_key, language, its text and the evaluation files filtered out of
-it, seed, the budget's language fields, model), so it is trained once and reused across methods with the same
-key, across targets and, with a shared `module_cache`, across tasks, whose budgets differ in task fields only
-(`compsft.compare.budgets`). A task module by (task_key, task, source data, the source
+A language module is keyed by (language_key, language, the lines it trains on, seed, the budget's language
+fields, model), so it is trained once and reused across methods with the same key, across targets and, with a
+shared `module_cache`, across tasks, whose budgets differ in task fields only (`compsft.compare.budgets`), and
+across grids of other targets wherever their evaluation files drop the same lines from its text (English
+text holds no Wolof test sentence, so the English SFT of a Wolof grid is the English SFT of a Maltese one). A task module by (task_key, task, source data, the source
 language module it was trained on, seed, budget, model). Files enter a key by their bytes (SHA-256), not their
 paths. The digest covers every input; the readable part of the name is for people.
 """
@@ -46,7 +47,8 @@ def digest(data: Any) -> str:
 
 #: what a --resume may change: a cell depends on its own method and seed only, so a grid grows by methods
 #: and seeds without touching the cells it has. Targets may not change: their evaluation files are kept out of
-#: every language's MLM text, so another target set means other language modules for every cell.
+#: every language's MLM text, so another target set can mean other language modules under cells that are
+#: named by method, target and seed only.
 EXTENSIBLE = ("methods", "seeds")
 
 
@@ -78,7 +80,7 @@ def check_grid_file(grid: Grid, resume: bool, must_exist: bool = False, extend: 
     if changed:
         detail = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(record.get(k))} now"
                            for k in changed)
-        hint = (" (only methods and seeds may change on --resume: other targets change every language "
+        hint = (" (only methods and seeds may change on --resume: other targets can change any language "
                 "module; start another --out, with --module-cache OUT/modules to reuse what does not depend on "
                 "the targets)" if extend and "targets" in changed else "")
         raise CompsftError(f"{path}: --resume with another configuration ({detail[:600]}){hint}; "
@@ -138,11 +140,34 @@ def file_digest(path: str | Path) -> str:
     return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
+@functools.lru_cache(maxsize=64)
+def _cleaned_text_sha256(texts: tuple[tuple[str, str], ...], exclude: tuple[tuple[str, str], ...]) -> str:
+    from compsft.languages import load_mlm_corpus
+
+    corpus = load_mlm_corpus([path for path, _ in texts], exclude=[path for path, _ in exclude])
+    sha = hashlib.sha256()
+    for line in corpus.lines:
+        sha.update(line.encode("utf-8") + b"\n")
+    return sha.hexdigest()
+
+
+def cleaned_text_digest(texts: list[str] | tuple[str, ...], exclude: list[str] | tuple[str, ...]) -> str:
+    """The SHA-256 of the MLM lines a language module trains on: its texts read, normalised, deduplicated and
+    cleaned of every sentence of the evaluation files `exclude`, exactly as the trainers call
+    `load_mlm_corpus` (before their `max_lines` cut, which is a language field of the budget, keyed apart).
+    Keying the lines rather than the evaluation files' bytes lets grids over other targets share a module
+    whose text those targets' files do not touch."""
+    # Each file by its bytes too, so that the cache cannot outlive an edit.
+    return _cleaned_text_sha256(tuple((str(p), file_digest(p)) for p in texts),
+                                tuple(sorted((str(p), file_digest(p)) for p in exclude)))
+
+
 def language_module_dir(grid: Grid, language_key: str, lang: LanguageSide, seed: int) -> Path:
     # Only the language fields of the budget: a language module never sees the task's, so a parsing grid
-    # whose budget trains tasks longer still reuses the POS grid's language modules.
+    # whose budget trains tasks longer still reuses the POS grid's language modules. A catalogue language's
+    # own evaluation files, which its trainers always exclude, are among `grid.exclude` (config.resolve).
     key = {"kind": "language", "key": language_key, "code": lang.code,
-           "texts": [file_digest(p) for p in lang.texts], "exclude": sorted(file_digest(p) for p in grid.exclude),
+           "lines": cleaned_text_digest(lang.texts, grid.exclude),
            **_common(grid, seed, language_budget(grid.budget))}
     return grid.module_cache / "language" / language_key / f"{lang.code}-seed{seed}-{digest(key)}"
 
