@@ -157,8 +157,12 @@ def test_method_trains_assembles_evaluates(world, name):
 
 
 def test_shared_modules(world):
-    """task-sft-only and prune-difference-noretrain train nothing of their own."""
+    """task-sft-only, task-sft-no-source and prune-difference-noretrain train nothing of their own."""
     assert get_method("task-sft-only").task_key == "lt-sft" == get_method("task-sft-only").language_key
+    # the ablation's task SFT (trained on θ0) composed alone: no language module on either side
+    baseline = get_method("task-sft-no-source")
+    assert baseline.task_key == get_method("lt-sft-no-source").task_key
+    assert not baseline.uses_source_language and not baseline.uses_target_language
     assert get_method("prune-difference-noretrain").task_key == "prune-difference"
     assert get_method("prune-difference").language_key == "lt-sft"
     assert not get_method("full-ft").has_language_module

@@ -24,9 +24,9 @@ in `sft_method.py` with another mask strategy; anything else implements the four
         assemble=assemble_sfts, parameter_counts=counts))
 
 The methods here: `lt-sft`, `task-sft-only`, `full-ft`, `random-mask`, `magnitude-mask`,
-`prune-difference`, `prune-difference-noretrain`, `lt-sft-no-source` and `lt-sft-upper`; the adapter family `mad-x`
-(also `mad-x-rf16`, `mad-x-2.0`), `lora`, `shira`, `hydra`, `mosa` (also `mosa-hier`), `spa` (also
-`spa-d75`, `spa-d25`); each module's docstring states its composition rule.
+`prune-difference`, `prune-difference-noretrain`, `lt-sft-no-source`, `lt-sft-upper` and `task-sft-no-source`;
+the adapter family `mad-x` (also `mad-x-rf16`, `mad-x-2.0`), `lora`, `shira`, `hydra`, `mosa` (also `mosa-hier`),
+`spa` (also `spa-d75`, `spa-d25`); each module's docstring states its composition rule.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ REGISTRY: dict[str, str] = {
     "prune-difference-noretrain": ".prune_difference_noretrain",
     "lt-sft-no-source": ".lt_sft_no_source",  # ablation: the task SFT without the source language SFT
     "lt-sft-upper": ".lt_sft_upper",  # φ_L composed on the upper half of the encoder layers (issue 13)
+    "task-sft-no-source": ".task_sft_no_source",  # the no-source task SFT alone: no language SFT anywhere
     # adapter family (issue 11); `module:NAME` when one module defines several variants
     "mad-x": ".madx",
     "mad-x-rf16": ".madx:METHOD_RF16",
