@@ -48,7 +48,7 @@ REGISTRY: dict[str, str] = {
     "prune-difference-noretrain": ".prune_difference_noretrain",
     "lt-sft-no-source": ".lt_sft_no_source",  # ablation: the task SFT without the source language SFT
     "lt-sft-upper": ".lt_sft_upper",  # φ_L composed on the upper half of the encoder layers (issue 13)
-    "task-sft-no-source": ".task_sft_no_source",  # the no-source task SFT alone: no language SFT anywhere
+    "task-sft-no-source": ".task_sft_only:NO_SOURCE",  # the no-source task SFT alone: no language SFT anywhere
     # adapter family (issue 11); `module:NAME` when one module defines several variants
     "mad-x": ".madx",
     "mad-x-rf16": ".madx:METHOD_RF16",

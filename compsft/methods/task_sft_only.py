@@ -5,9 +5,16 @@ source language SFT is trained and applied while the task SFT trains, but no lan
 composed for the target.
 
 Composition for a target: θ0 + φ_T (task head from φ_T).
+
+`task-sft-no-source` (`NO_SOURCE`): a baseline with no language SFT anywhere. How good `task-sft-only`'s task
+SFT is moves with the English SFT it was trained on, so a gain over `task-sft-only` mixes the target SFT's
+effect with the source SFT's; this one composes the task SFT of `lt-sft-no-source` (trained on θ0, `task_key`
+"lt-sft-no-source": trained once for both) alone, the same model at every language budget.
+Composition: θ0 + φ_T (trained on θ0, no φ_source); task head from φ_T.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 from .base import MethodSpec
@@ -24,4 +31,13 @@ METHOD = MethodSpec(
     uses_target_language=False,
     language_key="lt-sft",
     task_key="lt-sft",
+)
+
+NO_SOURCE = dataclasses.replace(
+    METHOD,
+    name="task-sft-no-source",
+    description="a task SFT trained without any language SFT, composed alone (no language SFT anywhere)",
+    composition="θ0 + φ_T (trained on θ0, no φ_source); task head from φ_T (no language module at all)",
+    uses_source_language=False,
+    task_key="lt-sft-no-source",
 )
