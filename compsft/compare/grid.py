@@ -17,8 +17,9 @@ A language module is keyed by (language_key, language, the lines it trains on, s
 fields, model), so it is trained once and reused across methods with the same key, across targets and, with a
 shared `module_cache`, across tasks, whose budgets differ in task fields only (`compsft.compare.budgets`), and
 across grids of other targets wherever their evaluation files drop the same lines from its text (English
-text holds no Wolof test sentence, so the English SFT of a Wolof grid is the English SFT of a Maltese one). A task module by (task_key, task, source data, the source
-language module it was trained on, seed, budget, model). Files enter a key by their bytes (SHA-256), not their
+text holds no Wolof test sentence, so the English SFT of a Wolof grid is the English SFT of a Maltese one).
+A task module by (task_key, task, source data, the source language module it was trained on, seed, budget,
+model). Files enter a key by their bytes (SHA-256), not their
 paths. The digest covers every input; the readable part of the name is for people.
 """
 from __future__ import annotations
