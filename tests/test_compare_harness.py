@@ -216,24 +216,26 @@ def test_language_modules_get_text_and_the_evaluation_files_to_exclude(model_dir
         assert str(data_path(name).resolve()) in lang["exclude"]
 
 
-def test_language_modules_are_keyed_by_language_fields_and_text_bytes(model_dir, tmp_path):
+def test_modules_are_keyed_by_their_own_budget_fields_text_bytes_and_source_module(model_dir, tmp_path):
     """A budget that differs in task fields (the per-task budgets) reuses language modules; a text edited
-    in place, or another language field, trains a new one."""
+    in place, or another language field, trains a new one, and so a new task module on the new source
+    module; a task module trained without a source module (`fake-c`, as full fine-tuning) is reused."""
     text = tmp_path / "own.txt"
     text.write_text("Jamm nga fanaane ?\nMaa ngi fi rekk .\n", encoding="utf-8")
     cache = tmp_path / "modules"
 
     def grid(out, **budget):
-        run(config(model_dir, tmp_path / out, methods=["fake-a"], seeds=1, module_cache=str(cache),
+        run(config(model_dir, tmp_path / out, methods=["fake-a", "fake-c"], seeds=1, module_cache=str(cache),
                    targets=[f"own=ud:wo_wtb:test:{text}"], budget=tiny_budget(**budget)))
         return CALLS[("language", "fake-a", "own", 42)], CALLS[("language", "fake-a", "eng", 42)], \
-            CALLS[("task", "fake-a", "pos", 42)]
+            CALLS[("task", "fake-a", "pos", 42)], CALLS[("task", "fake-c", "pos", 42)]
 
-    assert grid("a") == (1, 1, 1)
-    assert grid("b", task_lr=5e-3, task_steps=5) == (1, 1, 2)  # task fields: only the task module is new
+    assert grid("a") == (1, 1, 1, 1)
+    assert grid("b", task_lr=5e-3, task_steps=5) == (1, 1, 2, 2)  # task fields: only the task modules are new
     text.write_text("Jamm nga fanaane ?\n", encoding="utf-8")
-    assert grid("c") == (2, 1, 2)  # the same path with other bytes: a new language module
-    assert grid("d", lang_lr=5e-3) == (3, 2, 3)  # a language field: new language modules, so a new task module
+    assert grid("c") == (2, 1, 2, 2)  # the same path with other bytes: a new language module
+    # a language field: new language modules, so a new task module on the new English one; fake-c's is kept
+    assert grid("d", lang_lr=5e-3, lang_steps=3) == (3, 2, 3, 2)
 
 
 def test_grids_of_other_targets_share_a_language_module_unless_their_evaluation_files_drop_its_lines(

@@ -2,6 +2,7 @@
 random-init model, plus the pieces behind them (prune-and-retrain, dev selection, full fine-tuning)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,31 @@ def language_module(world, spec: MethodSpec, code: str) -> Path:
     return world["modules"][key]
 
 
+#: the `lang_*` fields of the budget read while training a task module, per task_key (`LanguageFieldsWatched`)
+LANG_FIELDS_READ: dict[str, set[str]] = {}
+
+
+class LanguageFieldsWatched(Budget):
+    """BUDGET, recording which `lang_*` fields are read. The harness keys task modules without them (a task
+    module depends on the language budget only through its source module), so task training must read none."""
+
+    reads: set[str] = set()
+
+    def __getattribute__(self, name):
+        if name.startswith("lang_"):
+            type(self).reads.add(name)
+        return super().__getattribute__(name)
+
+
 def task_module(world, spec: MethodSpec):
     key = ("task", spec.task_key)
     if key not in world["modules"]:
         source = language_module(world, spec, "eng") if spec.uses_source_language and spec.has_language_module else None
         out = world["root"] / "modules" / f"{spec.task_key}-pos"
-        info = spec.train_task(world["ctx"], world["data"], source, 0, out)
+        LanguageFieldsWatched.reads = set()
+        ctx = dataclasses.replace(world["ctx"], budget=LanguageFieldsWatched(**dataclasses.asdict(BUDGET)))
+        info = spec.train_task(ctx, world["data"], source, 0, out)
+        LANG_FIELDS_READ[spec.task_key] = LanguageFieldsWatched.reads
         world["modules"][key] = (out, info)
     return world["modules"][key]
 
@@ -108,6 +128,7 @@ def test_method_trains_assembles_evaluates(world, name):
     counts = spec.parameter_counts(ctx, "pos")
     out, info = task_module(world, spec)
     assert out.is_dir() and info.trainable > 0 and info.seconds > 0
+    assert LANG_FIELDS_READ[spec.task_key] == set()  # task modules are cached without the language fields
     assert info.stored_bytes == module_bytes(out)
     # Counted before training = what training gives (K of the SFTs, every parameter for full-ft).
     if "task_k" in counts:

@@ -79,6 +79,14 @@ def language_budget(budget: Budget) -> dict:
     return {k: v for k, v in budget_dict(budget).items() if k.startswith("lang_")}
 
 
+def task_budget(budget: Budget) -> dict:
+    """The fields of `budget` a task module is trained by (all but `lang_*`): its cache key. A task module
+    trained on a source language module is keyed by that module too, so a language field reaches its key
+    that way; one trained on θ0 (full fine-tuning, `lt-sft-no-source`) is then shared by every language
+    budget of a curve (`bench/language_gain.py --lang-steps 40,150`) instead of trained again per point."""
+    return {k: v for k, v in budget_dict(budget).items() if not k.startswith("lang_")}
+
+
 def budget_dict(budget: Budget) -> dict:
     """The budget as JSON-ready data (tuples become lists). Fields added later are left out while at their
     default, so the records (and module cache keys) of grids from before them do not change."""

@@ -18,8 +18,9 @@ fields, model), so it is trained once and reused across methods with the same ke
 shared `module_cache`, across tasks, whose budgets differ in task fields only (`compsft.compare.budgets`), and
 across grids of other targets wherever their evaluation files drop the same lines from its text (English
 text holds no Wolof test sentence, so the English SFT of a Wolof grid is the English SFT of a Maltese one).
-A task module by (task_key, task, source data, the source language module it was trained on, seed, budget,
-model). Files enter a key by their bytes (SHA-256), not their
+A task module by (task_key, task, source data, the source language module it was trained on, seed, the budget's
+other fields, model): the language fields reach it through its source module, so a task module trained on θ0
+(full fine-tuning) is shared by every language budget. Files enter a key by their bytes (SHA-256), not their
 paths. The digest covers every input; the readable part of the name is for people.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 from compsft.errors import CompsftError
 
-from .budgets import budget_dict, language_budget
+from .budgets import language_budget, task_budget
 from .config import Grid, LanguageSide, recorded_text_path
 
 GRID_FILE = "grid.json"
@@ -180,7 +181,7 @@ def task_module_dir(grid: Grid, task_key: str, seed: int, source_module: Path | 
            "train": file_digest(resolve_data(grid.source_train)),
            "dev": file_digest(resolve_data(grid.source_dev)) if grid.source_dev else None,
            "source_module": source_module.name if source_module is not None else None,
-           **_common(grid, seed, budget_dict(grid.budget))}
+           **_common(grid, seed, task_budget(grid.budget))}
     return grid.module_cache / "task" / task_key / \
         f"{grid.task}-{grid.source.code}-seed{seed}-{grid.budget_name}-{digest(key)}"
 

@@ -12,9 +12,11 @@ listed in `compsft.methods.REGISTRY` (as `compsft.tasks` does for tasks). The ha
     sizes = spec.parameter_counts(ctx, "pos")                                      # before any training
 
 Modules are directories the method writes (an SFT directory, a model directory, adapter files); the harness
-caches them by (`module_key`, kind, language or task, seed, budget) and never looks inside. Two methods that
-train the *same* module (`task-sft-only` evaluates `lt-sft`'s task SFT without a target language SFT) say so
-with `language_key` / `task_key`, so it is trained once.
+caches them by (`module_key`, kind, language or task, seed, budget) and never looks inside: a language module
+by the budget's `lang_*` fields, a task module by the others and by the source language module it was given,
+so `train_task` must read no `lang_*` field of `ctx.budget` (tests/test_methods.py checks every method). Two
+methods that train the *same* module (`task-sft-only` evaluates `lt-sft`'s task SFT without a target language
+SFT) say so with `language_key` / `task_key`, so it is trained once.
 
 Model selection (the paper's, on source-language dev data only): when `budget.dev_checks > 0`, `train_task`
 evaluates the source dev set that many times during its last phase and writes, besides the fixed-budget
