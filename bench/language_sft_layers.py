@@ -6,7 +6,8 @@ does: the same task, the same first N test sentences. With `--dev CODE=FILE` a t
 file instead (its first N sentences): the split to choose layers on, so that the test set only reports.
 `none` (no language SFT: task-sft-only) and `all` (the whole SFT: lt-sft) are always scored beside the
 ranges, and `random-P` keeps a random share P of every tensor's entries (a control of the same size as a
-layer range: is it the layers, or only less of the SFT?).
+layer range: is it the layers, or only less of the SFT?); `scale-S` composes every entry times S (is the
+whole SFT only too strong?).
 
     python bench/language_sft_layers.py --grid runs/pos5 --layers 6-11 --out runs/pos5-layers.json
     python bench/language_sft_layers.py --grid runs/gain/steps40 --layers 6-11,3-11,random-0.57 \\
@@ -31,9 +32,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_variant(text: str) -> tuple[str, object]:
-    """'A-B' (encoder layers A..B), 'random-P' (a random share P of the entries), 'all' or 'none'."""
+    """'A-B' (encoder layers A..B), 'random-P' (a random share P of the entries), 'scale-S' (every entry
+    times S), 'all' or 'none'."""
     if text in ("all", "none"):
         return text, text
+    if text.startswith("scale-"):
+        try:
+            scale = float(text[len("scale-"):])
+        except ValueError:
+            scale = -1.0
+        if not 0 < scale < 10:
+            raise ValueError(f"{text!r}: the scale must be between 0 and 10")
+        return text, ("scale", scale)
     if text.startswith("random-"):
         try:
             share = float(text[len("random-"):])
@@ -57,6 +67,8 @@ def part_of(sft, rule, generator):
 
     if rule == "all":
         return sft.restricted(lambda n: True)
+    if isinstance(rule, tuple) and rule[0] == "scale":
+        return sft.restricted(lambda n: True).scaled(rule[1])
     if isinstance(rule, float):
         diffs = {}
         for name, d in sft.diffs.items():
@@ -81,7 +93,7 @@ def recorded_score(grid_dir: Path, cell: dict, variant: str, metric: str) -> flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, required=True, help="a compare output directory with lt-sft cells")
-    ap.add_argument("--layers", default="6-11", help="comma-separated: A-B, random-P (default 6-11)")
+    ap.add_argument("--layers", default="6-11", help="comma-separated: A-B, random-P, scale-S (default 6-11)")
     ap.add_argument("--dev", action="append", default=[], metavar="CODE=FILE",
                     help="score this target on FILE instead of its test set (repeatable)")
     ap.add_argument("--targets", default=None, help="only these targets (comma-separated)")

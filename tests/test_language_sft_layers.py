@@ -98,7 +98,16 @@ def test_a_random_share_keeps_a_subset_of_that_size_with_its_own_values():
     assert all(torch.equal(again.diffs[n].indices, part.diffs[n].indices) for n in part.diffs)
 
 
-@pytest.mark.parametrize("text", ["11-6", "6", "a-b", "random-0", "random-1.5", "random-x"])
+def test_a_scale_keeps_every_entry_times_the_scale_and_no_head():
+    sft = _sft()
+    part = layers.part_of(sft, ("scale", 0.5), None)
+    assert set(part.diffs) == set(sft.diffs) and part.dense == {}
+    for name, delta in part.diffs.items():
+        assert torch.equal(delta.indices, sft.diffs[name].indices)
+        assert torch.allclose(delta.values, 0.5 * sft.diffs[name].values)
+
+
+@pytest.mark.parametrize("text", ["11-6", "6", "a-b", "random-0", "random-1.5", "random-x", "scale-0", "scale-x"])
 def test_bad_variants_are_refused(text):
     with pytest.raises(ValueError, match=text):
         layers.parse_variant(text)
@@ -108,3 +117,4 @@ def test_variants_parse():
     assert layers.parse_variant("6-11") == ("layers6-11", (6, 11))
     assert layers.parse_variant("random-0.57") == ("random-0.57", 0.57)
     assert layers.parse_variant("all") == ("all", "all")
+    assert layers.parse_variant("scale-0.5") == ("scale-0.5", ("scale", 0.5))
