@@ -10,6 +10,8 @@ layer range: is it the layers, or only less of the SFT?); `scale-S` composes eve
 whole SFT only too strong?).
 
     python bench/language_sft_layers.py --grid runs/pos5 --layers 6-11 --out runs/pos5-layers.json
+    python bench/language_sft_layers.py --grid runs/gain150-3seeds/steps150 --layers scale-0.75 \
+        --baseline task-sft-no-source --out runs/scale150-test.json
     python bench/language_sft_layers.py --grid runs/gain/steps40 --layers 6-11,3-11,random-0.57 \\
         --dev wol=UD_Wolof-WTB/wo_wtb-ud-dev.conllu --dev mlt=UD_Maltese-MUDT/mt_mudt-ud-dev.conllu \\
         --out runs/layers-dev.json
@@ -79,15 +81,18 @@ def part_of(sft, rule, generator):
     return sft.restricted(lambda n: (layer := encoder_layer(n)) is not None and low <= layer <= high)
 
 
-def recorded_score(grid_dir: Path, cell: dict, variant: str, metric: str) -> float | None:
-    """The grid's own score of `none` (its task-sft-only cell) or `all` (the lt-sft cell)."""
+def other_cell(grid_dir: Path, method: str, cell: dict) -> dict | None:
+    path = grid_dir / "cells" / method / cell["target"] / f"seed{cell['seed']}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recorded_score(grid_dir: Path, cell: dict, variant: str, metric: str, baseline: str | None = None) -> float | None:
+    """The grid's own score of `none` (its task-sft-only cell), `all` (the lt-sft cell) or the baseline."""
     if variant == "all":
         return float(cell["metrics"]["fixed"][metric])
-    if variant == "none":
-        other = grid_dir / "cells" / "task-sft-only" / cell["target"] / f"seed{cell['seed']}.json"
-        if other.is_file():
-            return float(json.loads(other.read_text())["metrics"]["fixed"][metric])
-    return None
+    other = other_cell(grid_dir, "task-sft-only", cell) if variant == "none" else \
+        other_cell(grid_dir, variant, cell) if variant == baseline else None
+    return float(other["metrics"]["fixed"][metric]) if other else None
 
 
 def main() -> None:
@@ -97,6 +102,9 @@ def main() -> None:
     ap.add_argument("--dev", action="append", default=[], metavar="CODE=FILE",
                     help="score this target on FILE instead of its test set (repeatable)")
     ap.add_argument("--targets", default=None, help="only these targets (comma-separated)")
+    ap.add_argument("--baseline", default=None, metavar="METHOD",
+                    help="also score the task module of METHOD's cell alone (e.g. task-sft-no-source: the task "
+                         "SFT trained on θ0), and give every variant's difference from it")
     ap.add_argument("--random-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -116,6 +124,8 @@ def main() -> None:
 
     try:
         variants = [("none", "none"), ("all", "all")] + [parse_variant(v) for v in a.layers.split(",") if v]
+        if a.baseline:
+            variants.append((a.baseline, "baseline"))
     except ValueError as err:
         ap.error(f"--layers: {err}")
     dev = {}
@@ -146,13 +156,19 @@ def main() -> None:
         task_sft = load_sft(task_dir)
         lang_sft = load_sft(recorded_path(modules["target_language"]["dir"], a.grid) / "module")
         labels = sft_labels(task_sft, task_dir)
+        baseline_sft = None
+        if a.baseline:
+            other = other_cell(a.grid, a.baseline, cell)
+            if other is None or other.get("status") != "ok":
+                sys.exit(f"{a.grid}: no finished {a.baseline} cell for {code}, seed {cell['seed']}")
+            baseline_sft = load_sft(recorded_path(other["modules"]["task"]["dir"], a.grid) / "module")
         sentences = task.read(dev[code] if code in dev else resolve_data(tests[code]))
         gold = task.prepare_gold(sentences[:n_sentences] if n_sentences else sentences, labels)
         for name, rule in variants:
             started = time.perf_counter()
             model = task_model(ctx, grid["task"], labels)
-            if rule == "none":
-                apply(model, task_sft, with_dense=[True])
+            if rule in ("none", "baseline"):
+                apply(model, task_sft if rule == "none" else baseline_sft, with_dense=[True])
                 kept = 0
             else:
                 part = part_of(lang_sft, rule, generator)
@@ -162,7 +178,7 @@ def main() -> None:
             record = {"target": code, "seed": cell["seed"], "variant": name, "split": "dev" if code in dev else "test",
                       "entries": kept, "metric": metric, "score": float(metrics[metric]),
                       "seconds": round(time.perf_counter() - started, 1)}
-            recorded = recorded_score(a.grid, cell, name, metric) if record["split"] == "test" else None
+            recorded = recorded_score(a.grid, cell, name, metric, a.baseline) if record["split"] == "test" else None
             if recorded is not None:
                 # The harness scored this very composition: the two must agree, or this script measures
                 # something else than the grid did.
@@ -175,24 +191,28 @@ def main() -> None:
     pairs = sorted({(r["target"], r["seed"]) for r in records})
     lines = [f"# Parts of the target language SFTs: {a.grid} ({grid['task']}, "
              f"{'dev files for ' + ', '.join(sorted(dev)) + '; ' if dev else ''}test otherwise)", "",
-             "| variant | mean score | − none (task-sft-only) | 95% interval | − all (lt-sft) | 95% interval | pairs |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | mean score | − none (task-sft-only) | 95% interval | − all (lt-sft) | 95% interval | "
+             + (f"− {a.baseline} | 95% interval | " if a.baseline else "") + "pairs |",
+             "|---|---|---|---|---|---|" + ("---|---|" if a.baseline else "") + "---|"]
     summary = {}
     for name, _ in variants:
         mine = [score[p + (name,)] for p in pairs]
         vs_none = paired_interval(score[p + (name,)] - score[p + ("none",)] for p in pairs)
         vs_all = paired_interval(score[p + (name,)] - score[p + ("all",)] for p in pairs)
         summary[name] = {"mean": sum(mine) / len(mine), "vs_none": vs_none, "vs_all": vs_all}
+        if a.baseline:
+            summary[name]["vs_baseline"] = paired_interval(score[p + (name,)] - score[p + (a.baseline,)] for p in pairs)
 
         def fmt(iv):
             if iv["low"] is None:
                 return f"{iv['mean']:+.4f}", "—"
             return f"{iv['mean']:+.4f}", f"[{iv['low']:+.4f}, {iv['high']:+.4f}]"
+        vs_base = f"{' | '.join(fmt(summary[name]['vs_baseline']))} | " if a.baseline else ""
         lines.append(f"| {name} | {summary[name]['mean']:.4f} | {' | '.join(fmt(vs_none))} | "
-                     f"{' | '.join(fmt(vs_all))} | {len(pairs)} |")
+                     f"{' | '.join(fmt(vs_all))} | {vs_base}{len(pairs)} |")
     checked = sum("recorded" in r for r in records)
     if checked:
-        lines += ["", f"Reproduced the grid's own task-sft-only and lt-sft scores: {checked - len(mismatched)} of {checked}."]
+        lines += ["", f"Reproduced the grid's own scores of these compositions: {checked - len(mismatched)} of {checked}."]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"grid": str(a.grid), "dev": dev, "records": records, "summary": summary}, indent=1))
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -118,3 +118,26 @@ def test_variants_parse():
     assert layers.parse_variant("random-0.57") == ("random-0.57", 0.57)
     assert layers.parse_variant("all") == ("all", "all")
     assert layers.parse_variant("scale-0.5") == ("scale-0.5", ("scale", 0.5))
+
+
+def test_recorded_scores_are_the_grids_own_cells(tmp_path):
+    """What the script's scores of `none`, `all` and `--baseline` are checked against: the grid's cells of
+    task-sft-only, lt-sft and the baseline method for the same target and seed."""
+    import json
+
+    def cell(method, score):
+        path = tmp_path / "cells" / method / "wol" / "seed42.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"status": "ok", "target": "wol", "seed": 42,
+                                    "metrics": {"fixed": {"accuracy": score}}}))
+        return json.loads(path.read_text())
+
+    lt = cell("lt-sft", 0.5)
+    cell("task-sft-only", 0.4)
+    cell("task-sft-no-source", 0.6)
+    assert layers.recorded_score(tmp_path, lt, "all", "accuracy") == 0.5
+    assert layers.recorded_score(tmp_path, lt, "none", "accuracy") == 0.4
+    assert layers.recorded_score(tmp_path, lt, "task-sft-no-source", "accuracy", "task-sft-no-source") == 0.6
+    assert layers.recorded_score(tmp_path, lt, "task-sft-no-source", "accuracy") is None  # not asked for
+    assert layers.recorded_score(tmp_path, lt, "scale-0.5", "accuracy", "task-sft-no-source") is None
+    assert layers.recorded_score(tmp_path, {**lt, "seed": 43}, "none", "accuracy") is None  # no such cell
