@@ -33,30 +33,29 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _number_after(text: str, prefix: str, high: float, what: str) -> float:
+    """The number in `prefix`N, strictly between 0 and `high`."""
+    try:
+        value = float(text[len(prefix):])
+    except ValueError:
+        value = -1.0
+    if not 0 < value < high:
+        raise ValueError(f"{text!r}: the {what} must be between 0 and {high:g}")
+    return value
+
+
 def parse_variant(text: str) -> tuple[str, object]:
     """'A-B' (encoder layers A..B), 'random-P' (a random share P of the entries), 'scale-S' (every entry
     times S), 'all' or 'none'."""
     if text in ("all", "none"):
         return text, text
     if text.startswith("scale-"):
-        try:
-            scale = float(text[len("scale-"):])
-        except ValueError:
-            scale = -1.0
-        if not 0 < scale < 10:
-            raise ValueError(f"{text!r}: the scale must be between 0 and 10")
-        return text, ("scale", scale)
+        return text, ("scale", _number_after(text, "scale-", 10, "scale"))
     if text.startswith("random-"):
-        try:
-            share = float(text[len("random-"):])
-        except ValueError:
-            share = -1.0
-        if not 0 < share < 1:
-            raise ValueError(f"{text!r}: the share must be between 0 and 1")
-        return text, share
+        return text, _number_after(text, "random-", 1, "share")
     m = re.fullmatch(r"(\d+)-(\d+)", text)
     if not m or int(m.group(1)) > int(m.group(2)):
-        raise ValueError(f"{text!r}: expected A-B (encoder layers, inclusive), random-P, all or none")
+        raise ValueError(f"{text!r}: expected A-B (encoder layers, inclusive), random-P, scale-S, all or none")
     return f"layers{text}", (int(m.group(1)), int(m.group(2)))
 
 
