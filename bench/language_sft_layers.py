@@ -7,7 +7,8 @@ file instead (its first N sentences): the split to choose layers on, so that the
 `none` (no language SFT: task-sft-only) and `all` (the whole SFT: lt-sft) are always scored beside the
 ranges, and `random-P` keeps a random share P of every tensor's entries (a control of the same size as a
 layer range: is it the layers, or only less of the SFT?); `scale-S` composes every entry times S (is the
-whole SFT only too strong?).
+whole SFT only too strong?); `embeddings` keeps the entries of the embedding matrices alone, which no layer
+range contains, and `A-B+embeddings` a layer range with them (is it the layers or the word embeddings?).
 
     python bench/language_sft_layers.py --grid runs/pos5 --layers 6-11 --out runs/pos5-layers.json
     python bench/language_sft_layers.py --grid runs/gain150-3seeds/steps150 --layers scale-0.75 \
@@ -45,10 +46,16 @@ def _number_after(text: str, prefix: str, high: float, what: str) -> float:
 
 
 def parse_variant(text: str) -> tuple[str, object]:
-    """'A-B' (encoder layers A..B), 'random-P' (a random share P of the entries), 'scale-S' (every entry
-    times S), 'all' or 'none'."""
-    if text in ("all", "none"):
+    """'A-B' (encoder layers A..B), 'A-B+embeddings' (those and the embeddings), 'embeddings', 'random-P' (a
+    random share P of the entries), 'scale-S' (every entry times S), 'all' or 'none'."""
+    if text in ("all", "none", "embeddings"):
         return text, text
+    if text.endswith("+embeddings"):
+        m = re.fullmatch(r"(\d+-\d+)\+embeddings", text)
+        if not m:
+            raise ValueError(f"{text!r}: only a layer range A-B takes +embeddings")
+        name, (low, high) = parse_variant(m.group(1))
+        return f"{name}+embeddings", (low, high, "embeddings")
     if text.startswith("scale-"):
         return text, ("scale", _number_after(text, "scale-", 10, "scale"))
     if text.startswith("random-"):
@@ -70,14 +77,21 @@ def part_of(sft, rule, generator):
         return sft.restricted(lambda n: True)
     if isinstance(rule, tuple) and rule[0] == "scale":
         return sft.restricted(lambda n: True).scaled(rule[1])
+    if rule == "embeddings":
+        return sft.restricted(_in_embeddings)
     if isinstance(rule, float):
         diffs = {}
         for name, d in sft.diffs.items():
             keep = torch.rand(d.nnz, generator=generator) < rule
             diffs[name] = SparseDelta(d.shape, d.indices[keep].clone(), d.values[keep].clone())
         return SparseFineTuning(diffs, {}, dataclasses.replace(sft.config))
-    low, high = rule
-    return sft.restricted(lambda n: (layer := encoder_layer(n)) is not None and low <= layer <= high)
+    low, high, *embeddings = rule
+    return sft.restricted(lambda n: (layer := encoder_layer(n)) is not None and low <= layer <= high
+                          or bool(embeddings) and _in_embeddings(n))
+
+
+def _in_embeddings(name: str) -> bool:
+    return ".embeddings." in name
 
 
 def other_cell(grid_dir: Path, method: str, cell: dict) -> dict | None:
@@ -97,7 +111,7 @@ def recorded_score(grid_dir: Path, cell: dict, variant: str, metric: str, baseli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, required=True, help="a compare output directory with lt-sft cells")
-    ap.add_argument("--layers", default="6-11", help="comma-separated: A-B, random-P, scale-S (default 6-11)")
+    ap.add_argument("--layers", default="6-11", help="comma-separated: A-B, A-B+embeddings, embeddings, random-P, scale-S (default 6-11)")
     ap.add_argument("--dev", action="append", default=[], metavar="CODE=FILE",
                     help="score this target on FILE instead of its test set (repeatable)")
     ap.add_argument("--targets", default=None, help="only these targets (comma-separated)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,9 +108,21 @@ def test_a_scale_keeps_every_entry_times_the_scale_and_no_head():
         assert torch.allclose(delta.values, 0.5 * sft.diffs[name].values)
 
 
-@pytest.mark.parametrize("text", ["11-6", "6", "a-b", "random-0", "random-1.5", "random-x", "scale-0", "scale-x"])
+def test_embeddings_keep_the_embedding_entries_alone_or_beside_a_layer_range():
+    sft = _sft()
+    emb = layers.part_of(sft, "embeddings", None)
+    assert set(emb.diffs) == {"bert.embeddings.word_embeddings.weight"} and emb.dense == {}
+    assert emb.diffs["bert.embeddings.word_embeddings.weight"] is sft.diffs["bert.embeddings.word_embeddings.weight"]
+    both = layers.part_of(sft, (6, 11, "embeddings"), None)
+    assert set(both.diffs) == set(layers.part_of(sft, (6, 11), None).diffs) | set(emb.diffs)
+    whole = layers.part_of(sft, (0, 11, "embeddings"), None)
+    assert whole.k == sft.k and whole.dense == {}
+
+
+@pytest.mark.parametrize("text", ["11-6", "6", "a-b", "random-0", "random-1.5", "random-x", "scale-0", "scale-x",
+                                  "random-0.5+embeddings", "embeddings+embeddings"])
 def test_bad_variants_are_refused(text):
-    with pytest.raises(ValueError, match=text):
+    with pytest.raises(ValueError, match=re.escape(text)):
         layers.parse_variant(text)
 
 
@@ -118,6 +131,8 @@ def test_variants_parse():
     assert layers.parse_variant("random-0.57") == ("random-0.57", 0.57)
     assert layers.parse_variant("all") == ("all", "all")
     assert layers.parse_variant("scale-0.5") == ("scale-0.5", ("scale", 0.5))
+    assert layers.parse_variant("embeddings") == ("embeddings", "embeddings")
+    assert layers.parse_variant("6-11+embeddings") == ("layers6-11+embeddings", (6, 11, "embeddings"))
 
 
 def test_recorded_scores_are_the_grids_own_cells(tmp_path):
