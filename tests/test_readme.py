@@ -98,7 +98,9 @@ def test_compare_examples_use_only_real_options_and_methods(tmp_path):
 def test_bench_commands_name_real_scripts_and_options():
     """Every `python bench/NAME.py ...` README shows (inline or in a block) runs a script that exists with
     options it defines: the figures' recipes must be runnable as written."""
-    commands = re.findall(r"python bench/(\w+)\.py((?:[^`\n]|\n(?!\n))*)", re.sub(r"\\\n\s*", " ", README))
+    # A command ends at a blank line, a backtick or the next command (a block may hold several scripts).
+    commands = re.findall(r"python bench/(\w+)\.py((?:[^`\n]|\n(?!\n|\s*python bench/))*)",
+                          re.sub(r"\\\n\s*", " ", README))
     assert len(commands) >= 10
     for name, args in commands:
         script = ROOT / "bench" / f"{name}.py"
