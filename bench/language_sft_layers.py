@@ -111,7 +111,8 @@ def recorded_score(grid_dir: Path, cell: dict, variant: str, metric: str, baseli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, required=True, help="a compare output directory with lt-sft cells")
-    ap.add_argument("--layers", default="6-11", help="comma-separated: A-B, A-B+embeddings, embeddings, random-P, scale-S (default 6-11)")
+    ap.add_argument("--layers", default="6-11",
+                    help="comma-separated: A-B, A-B+embeddings, embeddings, random-P, scale-S (default 6-11)")
     ap.add_argument("--dev", action="append", default=[], metavar="CODE=FILE",
                     help="score this target on FILE instead of its test set (repeatable)")
     ap.add_argument("--targets", default=None, help="only these targets (comma-separated)")
