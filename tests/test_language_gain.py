@@ -1,12 +1,12 @@
-"""bench/language_gain.py's report (issue 13): every method's gain over task-sft-only is shown, and a point whose
-cells failed is written as '–' instead of stopping the bench after hours of training."""
+"""experiments/language_gain.py's report (issue 13): every method's gain over task-sft-only is shown, and a
+point whose cells failed is written as '–' instead of stopping the bench after hours of training."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("language_gain", REPO / "bench" / "language_gain.py")
+_spec = importlib.util.spec_from_file_location("language_gain", REPO / "experiments" / "language_gain.py")
 gain = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gain)
 

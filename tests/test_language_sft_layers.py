@@ -1,5 +1,5 @@
 """Parts of a language SFT by encoder layer (issue 13): `encoder_layer`, `SparseFineTuning.restricted`,
-`lt-sft-upper`'s `upper_layers` and bench/language_sft_layers.py keep exactly the parts they name."""
+`lt-sft-upper`'s `upper_layers` and experiments/language_sft_layers.py keep exactly the parts they name."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +17,8 @@ from compsft.sft import SparseDelta, SparseFineTuning
 from compsft.training.params import encoder_layer
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("language_sft_layers", REPO / "bench" / "language_sft_layers.py")
+_spec = importlib.util.spec_from_file_location("language_sft_layers",
+                                               REPO / "experiments" / "language_sft_layers.py")
 layers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(layers)
 

@@ -95,16 +95,18 @@ def test_compare_examples_use_only_real_options_and_methods(tmp_path):
                 assert name in list_methods(), f"README names an unknown method {name!r}"
 
 
-def test_bench_commands_name_real_scripts_and_options():
-    """Every `python bench/NAME.py ...` README shows (inline or in a block) runs a script that exists with
-    options it defines: the figures' recipes must be runnable as written."""
+def test_script_commands_name_real_scripts_and_options():
+    """Every `python bench/NAME.py ...` or `python experiments/NAME.py ...` README shows (inline or in a
+    block) runs a script that exists with options it defines: the figures' recipes must be runnable as
+    written."""
     # A command ends at a blank line, a backtick or the next command (a block may hold several scripts).
-    commands = re.findall(r"python bench/(\w+)\.py((?:[^`\n]|\n(?!\n|\s*python bench/))*)",
+    commands = re.findall(r"python (bench|experiments)/(\w+)\.py"
+                          r"((?:[^`\n]|\n(?!\n|\s*python (?:bench|experiments)/))*)",
                           re.sub(r"\\\n\s*", " ", README))
     assert len(commands) >= 10
-    for name, args in commands:
-        script = ROOT / "bench" / f"{name}.py"
-        assert script.is_file(), f"README: no bench/{name}.py"
+    for folder, name, args in commands:
+        script = ROOT / folder / f"{name}.py"
+        assert script.is_file(), f"README: no {folder}/{name}.py"
         source = script.read_text(encoding="utf-8")
         for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", args):
-            assert f'"{option}"' in source, f"README: bench/{name}.py has no option {option}"
+            assert f'"{option}"' in source, f"README: {folder}/{name}.py has no option {option}"

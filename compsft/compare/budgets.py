@@ -83,7 +83,7 @@ def task_budget(budget: Budget) -> dict:
     """The fields of `budget` a task module is trained by (all but `lang_*`): its cache key. A task module
     trained on a source language module is keyed by that module too, so a language field reaches its key
     that way; one trained on θ0 (full fine-tuning, `lt-sft-no-source`) is then shared by every language
-    budget of a curve (`bench/language_gain.py --lang-steps 40,150`) instead of trained again per point."""
+    budget of a curve (`experiments/language_gain.py --lang-steps 40,150`) instead of trained again per point."""
     return {k: v for k, v in budget_dict(budget).items() if not k.startswith("lang_")}
 
 

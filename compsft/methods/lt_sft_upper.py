@@ -1,7 +1,7 @@
 """`lt-sft-upper`: LT-SFT with the target language SFT composed on the upper half of the encoder only.
 
 On the default model, language SFTs trained at lr 1e-3 help Maltese POS but cost Wolof several points.
-Scoring parts of them on the Wolof and Maltese UD dev sets (`bench/language_sft_layers.py`, issue 13)
+Scoring parts of them on the Wolof and Maltese UD dev sets (`experiments/language_sft_layers.py`, issue 13)
 located the cost in the lower encoder layers: the entries on layers 6–11 of 12 helped on both languages,
 while a random subset of the same size still cost Wolof. This method carries that choice into the harness,
 so it is measured as every method is. It uses the same modules as `lt-sft` (`language_key` and `task_key`

@@ -7,8 +7,8 @@ Dev loss per language on the same held-out lines as head_probe.py (no POS target
 Writes the re-warmed model to OUT (a prepared-model directory usable as `compsft compare --model OUT`), with
 the dev curve in OUT/compsft_model.json under "rewarm".
 
-    python bench/mlm_head_probe.py --out runs/mlm-head-probe      # the starting head
-    python bench/mlm_rewarm.py --head runs/mlm-head-probe/head_lr0.002.safetensors --out runs/model-rewarm
+    python experiments/mlm_head_probe.py --out runs/mlm-head-probe      # the starting head
+    python experiments/mlm_rewarm.py --head runs/mlm-head-probe/head_lr0.002.safetensors --out runs/model-rewarm
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from mlm_head_probe import UD, ud_lines  # noqa: E402  (bench/ is on the path when run)
+from mlm_head_probe import UD, ud_lines  # noqa: E402  (experiments/ is on the path when run)
 from train_mlm_head import _key, _ud_text  # noqa: E402
 
 
@@ -35,7 +35,7 @@ from train_mlm_head import _key, _ud_text  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", type=Path, default=Path("/work/shared/assets"))
-    ap.add_argument("--head", type=Path, required=True, help="a head written by bench/mlm_head_probe.py")
+    ap.add_argument("--head", type=Path, required=True, help="a head written by experiments/mlm_head_probe.py")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)

@@ -8,10 +8,10 @@ lines: UD dev `# text` lines (eng, mlt, wol, uig), the last 200 train lines for 
 head training). Beside it: each language's unigram entropy (of its UD train text) and the unigram model's
 cross-entropy on the same dev positions (train-text counts, add-0.5 smoothing), the floor a head must beat.
 
-    python bench/mlm_head_probe.py --assets /work/shared/assets --out runs/mlm-head-probe
+    python experiments/mlm_head_probe.py --assets /work/shared/assets --out runs/mlm-head-probe
 
 Writes OUT/head_probe.json (curves per learning rate), OUT/head_lr<LR>.safetensors (the head's tensors, for
-bench/mlm_rewarm.py) and caches the encoder states in OUT/features.safetensors (reused when present).
+experiments/mlm_rewarm.py) and caches the encoder states in OUT/features.safetensors (reused when present).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from train_mlm_head import _key, _ud_text, collect  # noqa: E402  (bench/ is on the path when run)
+from train_mlm_head import _key, _ud_text, collect  # noqa: E402  (experiments/ is on the path when run)
 
 UD = {"eng": "UD_English-EWT", "mlt": "UD_Maltese-MUDT", "wol": "UD_Wolof-WTB", "uig": "UD_Uyghur-UDT",
       "myv": "UD_Erzya-JR", "glv": "UD_Manx-Cadhan"}

@@ -5,7 +5,7 @@ head alone (encoder frozen, decoder tied to the word embeddings) on multilingual
 train `# text =` lines, UDHR, and MAFAND-MT train text with every MasakhaNER dev/test sentence removed.
 No test-set sentence is used for training; the losses are measured on dev text.
 
-    python bench/train_mlm_head.py --assets /work/shared/assets [--steps 350]
+    python experiments/train_mlm_head.py --assets /work/shared/assets [--steps 350]
 
 Runs on one CPU thread in about a quarter of an hour.
 """

@@ -9,10 +9,10 @@ training beside the unigram entropy of its training text (the loss of predicting
 task SFT is retrained at every point, since it is trained with the source language SFT of that point applied
 (as the method does).
 
-    python bench/language_gain.py --targets wol,mlt --lang-steps 40,200,1000 --seeds 3 --out runs/gain
-    python bench/language_gain.py --budget quick --targets wol --lang-steps 2,4 --seeds 1 --dev-lines 20 \\
+    python experiments/language_gain.py --targets wol,mlt --lang-steps 40,200,1000 --seeds 3 --out runs/gain
+    python experiments/language_gain.py --budget quick --targets wol --lang-steps 2,4 --seeds 1 --dev-lines 20 \\
         --out /tmp/gain
-    python bench/language_gain.py --targets wol,mlt,glv,myv,uig --lang-steps 40 --lang-lr 1e-3 \\
+    python experiments/language_gain.py --targets wol,mlt,glv,myv,uig --lang-steps 40 --lang-lr 1e-3 \\
         --seed-list 42,43 --methods lt-sft,lt-sft-upper,task-sft-only,full-ft --module-cache runs/gain5-modules \\
         --out runs/gain5-s42-43
 

@@ -6,9 +6,9 @@ first 200 `# text` lines of the UD dev split, or the last 200 train lines where 
 MLM head's trained transform and bias, which composition drops); θ0 + both. Issue 13: a language SFT can
 only help a task through its sparse part.
 
-    python bench/language_sft_parts.py --assets /work/shared/assets --out runs/sft-parts.json \
+    python experiments/language_sft_parts.py --assets /work/shared/assets --out runs/sft-parts.json \
         --sft wol=runs/pos5/modules/language/lt-sft/wol-seed42-.../module --sft mlt=...
-    python bench/language_sft_parts.py --model runs/model-rewarm --sft wol=... --out runs/sft-parts-rewarm.json
+    python experiments/language_sft_parts.py --model runs/model-rewarm --sft wol=... --out runs/sft-parts-rewarm.json
 
 Writes OUT (JSON, one record per language: the four losses and the head tensors the SFT carries).
 """

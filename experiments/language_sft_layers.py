@@ -10,10 +10,10 @@ layer range: is it the layers, or only less of the SFT?); `scale-S` composes eve
 whole SFT only too strong?); `embeddings` keeps the entries of the embedding matrices alone, which no layer
 range contains, and `A-B+embeddings` a layer range with them (is it the layers or the word embeddings?).
 
-    python bench/language_sft_layers.py --grid runs/pos5 --layers 6-11 --out runs/pos5-layers.json
-    python bench/language_sft_layers.py --grid runs/gain150-3seeds/steps150 --layers scale-0.75 \
+    python experiments/language_sft_layers.py --grid runs/pos5 --layers 6-11 --out runs/pos5-layers.json
+    python experiments/language_sft_layers.py --grid runs/gain150-3seeds/steps150 --layers scale-0.75 \
         --baseline task-sft-no-source --out runs/scale150-test.json
-    python bench/language_sft_layers.py --grid runs/gain/steps40 --layers 6-11,3-11,random-0.57 \\
+    python experiments/language_sft_layers.py --grid runs/gain/steps40 --layers 6-11,3-11,random-0.57 \\
         --dev wol=UD_Wolof-WTB/wo_wtb-ud-dev.conllu --dev mlt=UD_Maltese-MUDT/mt_mudt-ud-dev.conllu \\
         --out runs/layers-dev.json
 
