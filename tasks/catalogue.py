@@ -20,6 +20,12 @@ DATASETS: dict[str, str] = {
     "ud:ug_udt:test": "ud/UD_Uyghur-UDT/ug_udt-ud-test.conllu.gz",
     "ud:myv_jr:test": "ud/UD_Erzya-JR/myv_jr-ud-test.conllu.gz",
     "ud:gv_cadhan:test": "ud/UD_Manx-Cadhan/gv_cadhan-ud-test.conllu.gz",
+    # Source languages for multi-source task training (subsets; see data/README.md). Finnish-TDT has
+    # no train split here: its test file is source training data (a source is never a target).
+    "ud:ga_idt:train": "ud/UD_Irish-IDT/ga_idt-ud-train-first400.conllu.gz",
+    "ud:ga_idt:dev": "ud/UD_Irish-IDT/ga_idt-ud-dev-first200.conllu.gz",
+    "ud:fi_tdt:train": "ud/UD_Finnish-TDT/fi_tdt-ud-test-first400.conllu.gz",
+    "ud:fi_tdt:dev": "ud/UD_Finnish-TDT/fi_tdt-ud-dev-first200.conllu.gz",
     "ner:uner:en_ewt:train": "ner/uner/en_ewt/en_ewt-ud-train.DRAFT-0c7ce0d.raw.iob2.gz",
     "ner:uner:en_ewt:dev": "ner/uner/en_ewt/en_ewt-ud-dev.iob2.gz",
     "ner:uner:da_ddt:test": "ner/uner/da_ddt/da_ddt-ud-test.iob2.gz",
@@ -33,6 +39,16 @@ DATASETS: dict[str, str] = {
 #: UD target treebanks of the demo, by ISO 639 code of their language.
 UD_TARGETS = {"mt": "mt_mudt", "wo": "wo_wtb", "ug": "ug_udt", "myv": "myv_jr", "gv": "gv_cadhan"}
 MASAKHANER_LANGUAGES = ("hau", "ibo", "kin", "lug", "luo", "pcm", "swa")
+
+#: language (ISO 639-3) of the shipped UD treebanks, by treebank: names a multi-source training source
+UD_LANGUAGES = {"en_ewt": "eng", "ga_idt": "gle", "fi_tdt": "fin", "mt_mudt": "mlt", "wo_wtb": "wol",
+                "ug_udt": "uig", "myv_jr": "myv", "gv_cadhan": "glv"}
+
+
+def data_language(name: str | Path) -> str | None:
+    """The language of a shipped UD data set (`ud:ga_idt:train` -> "gle"), or None for anything else."""
+    parts = str(name).split(":")
+    return UD_LANGUAGES.get(parts[1]) if len(parts) == 3 and parts[0] == "ud" else None
 
 
 def data_path(name: str) -> Path:
