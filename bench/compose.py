@@ -121,15 +121,17 @@ def run_case(model, size: str, density: float, tmp: Path) -> None:
           f"bytes/nz f32 {dir_bytes(d32) / sft.k:.2f} f16 {dir_bytes(d16) / sft.k:.2f}", flush=True)
 
 
-def files_to_composed(model, tmp: Path, repeat: int) -> None:
-    """Files -> composed model for the paper's K, against the index_add_ yardstick in the same run."""
-    lang, task = random_sft(model, LANGUAGE_K, seed=2), random_sft(model, TASK_K, seed=3)
-    lang.save(tmp / "lang")
-    task.save(tmp / "task")
+def files_to_composed(model, tmp: Path, repeat: int, ks: tuple[int, ...] = (LANGUAGE_K, TASK_K)) -> dict:
+    """Files -> composed model for SFTs of `ks` entries (default: the paper's language and task K), against
+    the index_add_ yardstick in the same run. Returns the timings (seconds per run) by name."""
+    names = ("lang", "task") if len(ks) == 2 else tuple(f"sft{i}" for i in range(len(ks)))
+    made = [random_sft(model, k, seed=2 + i) for i, k in enumerate(ks)]
+    for name, sft in zip(names, made):
+        sft.save(tmp / name)
     params = dict(model.named_parameters())
-    decoded = [(params[n].data.view(-1), d.indices.to(params[n].device, torch.int64), d.values.to(params[n].device))
-               for sft in (lang, task) for n, d in sft.diffs.items()]
-    del lang, task
+    decoded = [(params[n].data.view(-1), d.indices.to(params[n].device, torch.int64),
+                d.values.to(params[n].device, params[n].dtype)) for sft in made for n, d in sft.diffs.items()]
+    del made
     yard, load, appl, total, check = [], [], [], [], []
     for _ in range(repeat):
         gc.collect()
@@ -144,18 +146,18 @@ def files_to_composed(model, tmp: Path, repeat: int) -> None:
         gc.collect()
         sync()
         t0 = time.perf_counter()
-        a, b = compsft.load(tmp / "lang"), compsft.load(tmp / "task")
+        loaded = [compsft.load(tmp / name) for name in names]
         sync()
         t1 = time.perf_counter()
-        compsft.apply(model, a, b)
+        compsft.apply(model, *loaded)
         sync()
         t2 = time.perf_counter()
         load.append(t1 - t0)
         appl.append(t2 - t1)
         total.append(t2 - t0)
         compsft.revert(model)
-        del a, b
-        blobs = [(tmp / d / WEIGHTS_NAME).read_bytes() for d in ("lang", "task")]
+        del loaded
+        blobs = [(tmp / d / WEIGHTS_NAME).read_bytes() for d in names]
         t0 = time.perf_counter()
         for blob in blobs:
             file_checksum(blob)
@@ -165,7 +167,7 @@ def files_to_composed(model, tmp: Path, repeat: int) -> None:
     def fmt(xs: list[float]) -> str:
         return f"best {min(xs):.3f}s (range {min(xs):.3f}-{max(xs):.3f}, median {statistics.median(xs):.3f})"
 
-    print(f"files -> composed model, language {LANGUAGE_K:,} + task {TASK_K:,} entries, "
+    print(f"files -> composed model, {' + '.join(f'{n} {k:,}' for n, k in zip(names, ks))} entries, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {repeat} runs:")
     print(f"  yardstick (index_add_ of decoded entries) {fmt(yard)}")
     print(f"  load (both files, checksum + validation)   {fmt(load)}")
@@ -175,6 +177,7 @@ def files_to_composed(model, tmp: Path, repeat: int) -> None:
     ratios = [t / y for t, y in zip(total, yard)]
     print(f"  ratio load+apply / yardstick: best-to-best x{min(total) / min(yard):.2f}; "
           f"per run x{min(ratios):.2f}-x{max(ratios):.2f}", flush=True)
+    return {"yardstick": yard, "load": load, "apply": appl, "load_apply": total, "checksum": check}
 
 
 def main() -> None:

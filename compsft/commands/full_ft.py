@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .train import Cpu, GradAccum, LoggingSteps, Resume, SaveSteps, Seed, WeightDecay, WorkDir
+from .train import Bf16, Cpu, Fp16, GradAccum, LoggingSteps, Resume, SaveSteps, Seed, WeightDecay, WorkDir, _precision
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
         work_dir: WorkDir = None,
         resume: Resume = False,
         cpu: Cpu = False,
+        bf16: Bf16 = False,
+        fp16: Fp16 = False,
     ) -> None:
         """Fine-tune every parameter of a task model (the full fine-tuning baseline).
 
@@ -55,6 +57,7 @@ def register(app: typer.Typer) -> None:
             grad_accum=grad_accum, max_length=max_length, max_sentences=max_sentences, dev_checks=dev_checks,
             dev_max_sentences=dev_max_sentences, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
             weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
+            precision=_precision(bf16, fp16, cpu),
         )
         info = result.info
         line = (f"{out}: {info['steps']} steps, {info['trainable']:,} trainable parameters, "

@@ -71,9 +71,11 @@ def sft_info(path: Path) -> dict:
     }
 
 
-def compose_model(base: Path, sfts: list, scales=None, with_dense: Optional[bool] = None, check_base: bool = True):
+def compose_model(base: Path, sfts: list, scales=None, with_dense: Optional[bool] = None, check_base: bool = True,
+                  device: str = "cpu"):
     """The base model with `sfts` applied, as the model to write: the task's model (head and label map)
     when a task SFT's head is applied, else the base's own class (a masked LM for language SFTs).
+    `device`: where the SFTs are added (cpu, cuda or cuda:N); the result is the same on every device.
 
     Returns (model, tokenizer or None).
     """
@@ -85,6 +87,7 @@ def compose_model(base: Path, sfts: list, scales=None, with_dense: Optional[bool
     from ..vocab import vocab_fingerprint
 
     local_dir(base, "--base")
+    dev = _device(device)
     flags = resolve_with_dense(sfts, with_dense)
     heads = [s for s, keep in zip(sfts, flags) if keep and carries_task(s) and s.dense]
     # A model directory without a tokenizer is fine: no vocabulary check then.
@@ -110,8 +113,25 @@ def compose_model(base: Path, sfts: list, scales=None, with_dense: Optional[bool
     else:
         model = load_model_by_architecture(base, "--base")
     vocab = vocab_fingerprint(tokenizer) if tokenizer is not None else None
+    model.to(dev)
     compsft.apply(model, *sfts, scales=scales, with_dense=flags, check_base=check_base, vocab=vocab)
     return model, tokenizer
+
+
+def _device(device: str):
+    import torch
+
+    from ..errors import CompsftError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CompsftError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CompsftError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise CompsftError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    return dev
 
 
 def register(app: typer.Typer) -> None:
@@ -158,6 +178,7 @@ def register(app: typer.Typer) -> None:
             help="Copy every SFT's dense parameters (heads) in, or none. Default: by kind — a task SFT's "
                  "head yes, a language SFT's MLM head no")] = None,
         check_base: Annotated[bool, typer.Option(help="Check the base-model fingerprint")] = True,
+        device: Annotated[str, typer.Option(help="Add the SFTs on this device: cpu, cuda or cuda:N")] = "cpu",
     ) -> None:
         """Add SFTs onto a base model and write the merged model (safetensors, with the tokenizer).
 
@@ -176,7 +197,8 @@ def register(app: typer.Typer) -> None:
             loaded = compsft.load(p)
             loaded.source = str(p)
             sfts.append(loaded)
-        model, tokenizer = compose_model(base, sfts, scales=scale, with_dense=with_dense, check_base=check_base)
+        model, tokenizer = compose_model(base, sfts, scales=scale, with_dense=with_dense, check_base=check_base,
+                                         device=device)
         with atomic_path(out) as tmp:
             model.save_pretrained(tmp)
             if tokenizer is not None:

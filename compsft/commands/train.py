@@ -57,6 +57,22 @@ WeightDecay = Annotated[float, typer.Option("--weight-decay")]
 WorkDir = Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints (default: OUT.work).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its work directory.")]
 Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is there.")]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="bf16 autocast over fp32 master weights (CPU, or an Ampere+ GPU).")]
+Fp16 = Annotated[bool, typer.Option("--fp16", help="fp16 autocast with a gradient scaler (CUDA only).")]
+SaveDtype = Annotated[Optional[str], typer.Option("--save-dtype", help="dtype of the saved SFT values: fp32 "
+                                                                       "(default), bf16 or fp16.")]
+
+
+def _precision(bf16: bool, fp16: bool, cpu: bool, save_dtype: Optional[str] = None) -> str:
+    """The run's precision from the flags, checked (for the device it will run on) before any data or
+    model is loaded."""
+    import torch
+
+    from compsft.training.precision import check_precision, resolve_precision, save_dtype as check_save_dtype
+
+    check_save_dtype(save_dtype)
+    device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
+    return check_precision(resolve_precision(bf16=bf16, fp16=fp16), device)
 
 
 def register(app: typer.Typer) -> None:
@@ -107,6 +123,9 @@ def register(app: typer.Typer) -> None:
         work_dir: WorkDir = None,
         resume: Resume = False,
         cpu: Cpu = False,
+        bf16: Bf16 = False,
+        fp16: Fp16 = False,
+        save_dtype: SaveDtype = None,
     ) -> None:
         """Train a language SFT by masked language modelling (LT-SFT).
 
@@ -116,6 +135,7 @@ def register(app: typer.Typer) -> None:
         """
         from compsft.training.recipes import train_language_sft
 
+        precision = _precision(bf16, fp16, cpu, save_dtype)
         tuner = train_language_sft(
             model, lang, out, text=text, exclude=exclude, k=k, density=density, mask_strategy=mask_strategy,
             phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
@@ -124,6 +144,7 @@ def register(app: typer.Typer) -> None:
             mlm_probability=mlm_probability, static_masking=static_masking, max_lines=max_lines,
             dev_lines=dev_lines, train_head_steps=train_head_steps, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
             weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
+            precision=precision, save_dtype=save_dtype,
         )
         _report(tuner, out)
 
@@ -161,6 +182,9 @@ def register(app: typer.Typer) -> None:
         work_dir: WorkDir = None,
         resume: Resume = False,
         cpu: Cpu = False,
+        bf16: Bf16 = False,
+        fp16: Fp16 = False,
+        save_dtype: SaveDtype = None,
     ) -> None:
         """Train a task SFT with the source language SFT applied (LT-SFT).
 
@@ -168,6 +192,7 @@ def register(app: typer.Typer) -> None:
         """
         from compsft.training.recipes import train_task_sft
 
+        precision = _precision(bf16, fp16, cpu, save_dtype)
         tuner = train_task_sft(
             task, model, train, out, dev=dev, source_sft=source_sft, k=k, density=density,
             mask_strategy=mask_strategy,
@@ -176,6 +201,7 @@ def register(app: typer.Typer) -> None:
             l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
             max_sentences=max_sentences, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
             weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
+            precision=precision, save_dtype=save_dtype,
         )
         dev_metrics = tuner.sft.config.training.get("dev")
         if dev_metrics and tuner.is_world_process_zero():

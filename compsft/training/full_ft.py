@@ -75,6 +75,7 @@ def train_full_ft(
     cpu: bool = False,
     callbacks: list | None = None,
     quiet: bool = False,
+    precision: str | None = None,
 ) -> FullFineTuning:
     """Fine-tune every parameter of a `task` model built on `model`; save it to `out` (a model directory).
 
@@ -88,7 +89,7 @@ def train_full_ft(
     from ..errors import CompsftError
     from ..tasks import get_task, resolve_data
     from .dev_selection import DevSelection, dev_scorer, dev_subset, primary_metric
-    from .recipes import _check_model_dir, _silence, _training_args, _vocab
+    from .recipes import _check_model_dir, _eval_autocast, _silence, _training_args, _vocab
     from .trainer import last_complete_checkpoint
 
     model_dir, out = Path(model), Path(out)
@@ -121,7 +122,7 @@ def train_full_ft(
     dataset = spec.encode(sentences, tokenizer, labels, max_length=max_length)
     args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                          cpu=cpu, quiet=quiet)
+                          cpu=cpu, quiet=quiet, precision=precision)
     if steps is None:
         per_epoch = max(1, math.ceil(len(dataset) / (batch_size * args.world_size)) // grad_accum)
         steps = max(1, math.ceil((13.0 if epochs is None else epochs) * per_epoch))
@@ -155,13 +156,16 @@ def train_full_ft(
         "trainable": trainable, "learning_rate": lr, "batch_size": batch_size, "gradient_accumulation_steps":
         grad_accum, "world_size": args.world_size, "seed": seed, "resumed_from": checkpoint,
     }
+    if args.bf16 or args.fp16:  # recorded only when mixed, so fp32 records stay as they were
+        info["precision"] = "bf16" if args.bf16 else "fp16"
     if trainer.is_world_process_zero():
         if selection is not None and selection.best_step is not None:
             info["dev"] = {"file": str(dev), "metrics": {metric: selection.history[-1][1]}}
             info["dev_selected"] = selection.summary()
         elif dev is not None:
             gold = spec.prepare_gold(dev_sentences, labels)
-            metrics, _ = spec.evaluate(task_model, tokenizer, gold, labels, max_length=max_length)
+            with _eval_autocast(precision, task_model):
+                metrics, _ = spec.evaluate(task_model, tokenizer, gold, labels, max_length=max_length)
             info["dev"] = {"file": str(dev), "metrics": metrics}
         with atomic_path(out) as tmp:
             _save_model(task_model, tokenizer, tmp, info, write_text)

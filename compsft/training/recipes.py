@@ -22,15 +22,19 @@ Phase = tuple  # (max_epochs | None, min_steps | None, max_steps | None)
 
 
 def _training_args(work: Path, *, lr, batch_size, grad_accum, seed, save_steps, logging_steps,
-                   weight_decay, cpu, quiet=False):
+                   weight_decay, cpu, quiet=False, precision=None):
     import os
 
     import torch
     from transformers import TrainingArguments
 
+    from .precision import resolve_precision, trainer_flags
+
     use_cpu = cpu or not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return TrainingArguments(
+    # bf16/fp16 autocast over fp32 master weights (`compsft.training.precision`)
+    mixed = trainer_flags(resolve_precision(precision), "cpu" if use_cpu else "cuda")
+    return TrainingArguments(**mixed,
         output_dir=str(work), learning_rate=lr, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, seed=seed, save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, save_total_limit=2, logging_steps=logging_steps, report_to=[],
@@ -93,6 +97,8 @@ def train_language_sft(
     callbacks: list | None = None,
     quiet: bool = False,
     tuner=None,
+    precision: str | None = None,
+    save_dtype: str | None = None,
 ):
     """Train a language SFT for `lang` by masked language modelling (defaults: the paper's).
 
@@ -157,7 +163,7 @@ def train_language_sft(
         collator = ResumableMlmCollator(tokenizer, mlm_probability=mlm_probability, seed=seed)
     args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                          cpu=cpu, quiet=quiet)
+                          cpu=cpu, quiet=quiet, precision=precision)
     training = {"corpus": corpus.stats.as_dict(), "text": [str(t) for t in texts],
                 "excluded": excluded,
                 "vocabulary_fallback": fallback.as_dict() if fallback is not None else None,
@@ -187,7 +193,7 @@ def train_language_sft(
                                                        seed=seed), 4)
         logger.info("%s dev MLM loss %.3f -> %.3f (unigram entropy of the training text %.3f)", code,
                     record["loss_before"], record["loss_after"], record["unigram_entropy"])
-    tuner.save_sft(out)
+    tuner.save_sft(out, **_save_kwargs(save_dtype))
     return tuner
 
 
@@ -246,6 +252,8 @@ def train_task_sft(
     callbacks: list | None = None,
     quiet: bool = False,
     tuner=None,
+    precision: str | None = None,
+    save_dtype: str | None = None,
 ):
     """Train a task SFT with the source language SFT applied (defaults: the paper's POS/DP/NER).
 
@@ -283,7 +291,7 @@ def train_task_sft(
     work = work_dir or out.with_name(out.name + ".work")
     args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                          cpu=cpu, quiet=quiet)
+                          cpu=cpu, quiet=quiet, precision=precision)
     training = {"labels": list(labels), "train": str(train), "sentences": len(sentences),
                 "source_sft": str(source_sft) if source_sft else None,
                 "source_language": source.config.language if source else None}
@@ -299,11 +307,27 @@ def train_task_sft(
         # The model now holds θ0 + φ_source + φ_task: the in-language dev score.
         dev_sentences = spec.read(resolve_data(dev))
         gold = spec.prepare_gold(dev_sentences, labels)
-        metrics, _ = spec.evaluate(task_model, tokenizer, gold, labels, max_length=max_length)
+        with _eval_autocast(precision, task_model):
+            metrics, _ = spec.evaluate(task_model, tokenizer, gold, labels, max_length=max_length)
         tuner.sft.config.training["dev"] = {"file": str(dev), "metrics": metrics}
         logger.info("dev: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    tuner.save_sft(out)
+    tuner.save_sft(out, **_save_kwargs(save_dtype))
     return tuner
+
+
+def _save_kwargs(save_dtype: str | None) -> dict:
+    """`SparseFineTuning.save` keywords: the values' dtype when one is asked for (else fp32, as trained)."""
+    from .precision import save_dtype as dtype_of
+
+    dtype = dtype_of(save_dtype)
+    return {"dtype": dtype} if dtype is not None else {}
+
+
+def _eval_autocast(precision: str | None, model):
+    """Evaluation after training runs in the precision the model was trained in."""
+    from .precision import autocast, resolve_precision
+
+    return autocast(resolve_precision(precision), next(model.parameters()).device)
 
 
 def _check_model_dir(model: Path) -> None:

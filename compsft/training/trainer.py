@@ -111,6 +111,17 @@ def check_checkpoint(folder: str | os.PathLike, required: Sequence[str] = ()) ->
             raise CompsftError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {err}); {hint}") from err
 
 
+def _check_master_weights(model: torch.nn.Module, args) -> None:
+    """Mixed precision keeps fp32 master weights: θ0, the selection scores |θ1 − θ0|, the L1 term and the
+    optimizer's updates are computed on them. A model loaded in a half type would quietly lose all that."""
+    if not (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
+        return
+    half = next((n for n, p in model.named_parameters() if p.dtype != torch.float32), None)
+    if half is not None:
+        raise CompsftError(f"mixed precision trains fp32 master weights, but {half} is "
+                           f"{dict(model.named_parameters())[half].dtype}: load the model in fp32")
+
+
 class SparseFineTuner(Trainer):
     """A `Trainer` that trains a sparse fine-tuning (LT-SFT) instead of a dense model.
 
@@ -149,6 +160,7 @@ class SparseFineTuner(Trainer):
             # num_items_in_batch; told so, the Trainer divides by the accumulation steps itself.
             model.accepts_loss_kwargs = False
         super().__init__(model=model, args=args, **kwargs)
+        _check_master_weights(self.model, self.args)
         self._eligible_names = list(eligible)
         self._head_names = list(heads)
         params = dict(self.model.named_parameters())
@@ -359,6 +371,8 @@ class SparseFineTuner(Trainer):
             "freeze_layer_norm": self.sft_args.freeze_layer_norm,
             "phases": self.phase_info,
         }
+        if self.args.bf16 or self.args.fp16:  # recorded only when mixed, so fp32 configs stay as they were
+            config.training["precision"] = "bf16" if self.args.bf16 else "fp16"
         self.sft = SparseFineTuning(diffs, dense, config)
         self.sft.validate()
         apply(self.model, self.sft, with_dense=True, check_base=False)

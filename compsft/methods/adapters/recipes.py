@@ -110,7 +110,10 @@ def task_steps(budget: Budget, examples: int) -> int:
 def training_args(ctx: MethodContext, work: Path, *, lr: float, batch: int, seed: int, steps: int):
     from transformers import TrainingArguments
 
+    from ...training.precision import current_precision, trainer_flags
+
     return TrainingArguments(
+        **trainer_flags(current_precision(), ctx.device),  # `use_precision` (bf16/fp16 autocast) if in force
         output_dir=str(work), learning_rate=lr, per_device_train_batch_size=batch, max_steps=steps, seed=seed,
         save_strategy="steps", save_steps=500, save_total_limit=1, logging_steps=max(1, min(50, steps // 10)),
         report_to=[], use_cpu=ctx.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0,
