@@ -44,6 +44,10 @@ def __getattr__(name: str):
         from . import training
 
         return getattr(training, name)
+    if name == "Predictor":  # `compsft.Predictor(model, sfts=[...], task="pos")`: imports the tasks on first use
+        from .predict import Predictor
+
+        return Predictor
     if name == "CompareConfig":  # the harness: `compsft.compare.compare(compsft.CompareConfig(...))`
         from .compare import CompareConfig
 
@@ -56,6 +60,7 @@ __all__ = sorted([
     "CompareConfig",
     "CompsftError",
     "FingerprintMismatch",
+    "Predictor",
     "SftConfig",
     "SparseDelta",
     "SftArguments",

@@ -24,6 +24,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "compsft.commands.sft_files",
     "compsft.commands.evaluate",
+    "compsft.commands.predict",
     "compsft.commands.languages",
     "compsft.commands.models",
     "compsft.commands.train",

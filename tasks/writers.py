@@ -20,7 +20,16 @@ def _conllu_block(gold: Sentence, pred: Sentence, columns: Sequence[str]) -> str
             rels = (pred.deprels if "deprel" in columns else gold.deprels) or ["_"] * len(gold.words)
             lines.append("\t".join([str(i + 1), word, "_", upos[i], "_", "_", str(heads[i]), rels[i], "_", "_"]))
         return "\n".join(lines) + "\n\n"
-    tokens = gold.tokenlist.copy()
+    return fill_conllu(gold.tokenlist, pred, columns).serialize()
+
+
+def fill_conllu(tokenlist, pred: Sentence, columns: Sequence[str]):
+    """A copy of a parsed CoNLL-U sentence with `columns` ("upos", "head", "deprel") of its words
+    taken from `pred`; multi-word token lines, empty nodes and comments are kept as they are."""
+    from conllu.models import TokenList
+
+    # TokenList.copy() shares the token dicts: copy each, so the input sentence stays as it was read.
+    tokens = TokenList([type(t)(t) for t in tokenlist], dict(tokenlist.metadata), tokenlist.default_fields)
     k = 0
     for token in tokens:
         if not isinstance(token["id"], int):
@@ -34,7 +43,9 @@ def _conllu_block(gold: Sentence, pred: Sentence, columns: Sequence[str]) -> str
         if "deprel" in columns:
             token["deprel"] = pred.deprels[k]
         k += 1
-    return tokens.serialize()
+    if k != len(pred.words):
+        raise CompsftError(f"{pred.source or 'a sentence'}: {k} words in the CoNLL-U sentence, {len(pred.words)} predicted")
+    return tokens
 
 
 def write_conllu(path: str | Path, gold: Sequence[Sentence], predicted: Sequence[Sentence], columns: Sequence[str]) -> None:

@@ -41,53 +41,31 @@ def register(app: typer.Typer) -> None:
         import json
         import time
 
-        import torch
         from rich.console import Console
         from rich.table import Table
 
-        import compsft
         from compsft.atomic import write_text
         from compsft.errors import CompsftError
+        from compsft.predict.loading import load_sfts, load_task_model
         from compsft.tasks import get_task, resolve_data
-
-        from compsft.merge import resolve_with_dense, task_labels
-        from compsft.paths import load_tokenizer, local_dir
 
         console = Console(stderr=True)
         spec = get_task(task)
         data_file = resolve_data(data)
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        local_dir(model, "--model")
-        if tokenizer is not None:
-            local_dir(tokenizer, "--tokenizer", need=None)
         if not data_file.is_file():
             raise CompsftError(f"{data_file}: no such file")
-
-        sfts = [compsft.load(p) for p in sft]
-        for s, p in zip(sfts, sft):
-            s.source = str(p)
-            if s.config.task and s.config.task != task:
-                raise CompsftError(f"{p}: a task SFT for {s.config.task!r}, not {task!r}")
-        # The one rule (compsft.merge.dense_by_kind): heads of task SFTs (and of compositions that
-        # kept one), never the MLM head of a language SFT.
-        dense_flags = resolve_with_dense(sfts, None)
-        # A model directory without a trained head (the bare pretrained model) gets its label list
-        # from the task SFT, whose dense parameters then fill the head.
-        hint = task_labels(sfts)[1]
-        task_model, labels = _load_model(spec, model, hint)
-        task_model.to(dev)
-
-        tok = load_tokenizer(tokenizer or model, "--tokenizer" if tokenizer else "--model")
+        sfts = load_sfts(sft, task)
         options = {"keep_subtypes": keep_subtypes} if task in ("pos", "dep") else {"format": ner_format}
         sentences = spec.read(data_file, **options)
+
+        # One loading rule for evaluate, predict and compsft.Predictor (compsft.predict.loading): the
+        # task SFTs' heads are applied, a language SFT's MLM head never; a bare model takes its labels
+        # from the task SFT.
+        loaded = load_task_model(spec, model, sfts, device=device, tokenizer_dir=tokenizer, check_base=check_base)
+        task_model, labels, tok, dense_flags, dev = (loaded.model, loaded.labels, loaded.tokenizer,
+                                                      loaded.dense_flags, loaded.device)
         gold = spec.prepare_gold(sentences, labels)
-
         started = time.perf_counter()
-        if sfts:
-            from compsft.vocab import vocab_fingerprint
-
-            compsft.apply(task_model, *sfts, with_dense=dense_flags, check_base=check_base,
-                          vocab=vocab_fingerprint(tok))
         metrics, predictions = spec.evaluate(task_model, tok, gold, labels, batch_size=batch_size, max_length=max_length)
         seconds = time.perf_counter() - started
 
@@ -118,14 +96,3 @@ def register(app: typer.Typer) -> None:
             write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
             console.print(f"wrote {pred_path} and {out / 'metrics.json'}")
 
-
-def _load_model(spec, model_dir: Path, labels_hint):
-    """The task model from `model_dir`; a fresh head sized by `labels_hint` when the directory has none."""
-    from compsft.errors import CompsftError
-
-    try:
-        return spec.load_model(model_dir)
-    except CompsftError:
-        if not labels_hint:
-            raise
-    return spec.build_model(model_dir, labels_hint), list(labels_hint)
