@@ -1,0 +1,181 @@
+"""Multi-source task training (issue 27): each batch sees exactly its own source's SFT, the stored
+weights never hold one, upsampling, resume after SIGKILL and the CLI forms."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import TrainerCallback
+
+import compsft
+from compsft.errors import CompsftError
+from compsft.merge import base_fingerprint
+from compsft.sft import SftConfig, SparseDelta, SparseFineTuning
+from compsft.training.arguments import SftArguments
+from compsft.training.multisource import (MultiSourceBatchSampler, MultiSourceDataset, MultiSourceFineTuner,
+                                          SourceShift, TaskSource, check_sources)
+
+from training_helpers import VOCAB, make_model_dir, tiny_config, training_args
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TENSOR = "bert.encoder.layer.0.intermediate.dense.weight"   # 32 x 16: where the test sources write
+MARK = {"a": 10.0, "b": -10.0}                                # far outside any trained weight: a fingerprint
+POSITIONS = {"a": torch.tensor([3, 40, 77, 200]), "b": torch.tensor([5, 41, 300, 511])}
+ID_RANGE = {"a": (5, 25), "b": (25, 45), "c": (45, VOCAB)}   # each source's batches have their own token ids
+
+
+class Ids(Dataset):
+    """Tag = id mod 3, ids drawn from one source's range (the probe tells a batch's source by them)."""
+
+    def __init__(self, lo, hi, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(lo, hi, (n, 8), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids % 3}
+
+
+def source_sft(name, model=None, values=None):
+    model = model if model is not None else tiny_tagger()
+    pos = POSITIONS[name]
+    vals = torch.full((len(pos),), MARK[name]) if values is None else values
+    config = SftConfig(kind="language", language=name,
+                       base_fingerprint=base_fingerprint(model, [TENSOR]) if model is not None else None)
+    return SparseFineTuning({TENSOR: SparseDelta((32, 16), pos.to(torch.int32), vals)}, {}, config)
+
+
+def tiny_tagger(seed=0):
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(seed)
+    return BertForTokenClassification(tiny_config(num_labels=3))
+
+
+def which_source(input_ids):
+    lo = int(input_ids.min())
+    return next(s for s, (a, b) in ID_RANGE.items() if a <= lo < b)
+
+
+def marks_on(weight):
+    flat = weight.detach().reshape(-1)
+    return {s for s in ("a", "b") if bool((flat[POSITIONS[s]] * (1 if MARK[s] > 0 else -1) > 5).all())}
+
+
+class StoredClean(TrainerCallback):
+    """After every step the stored weights hold no source mark (nothing left applied in storage)."""
+
+    def __init__(self, tuner):
+        self.tuner, self.bad = tuner, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        module = self.tuner.model.get_submodule(TENSOR.rsplit(".", 1)[0])
+        stored = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+        if marks_on(stored):
+            self.bad.append((self.tuner._phase, state.global_step))
+
+
+def make_tuner(tmp_path, sfts, sizes=(24, 16, 8), upsample=(1, 1, 2), order="random", seed=0, **kw):
+    model = tiny_tagger()
+    shift = SourceShift(sfts)
+    shift.check(model)
+    names = list(sfts)
+    data = [Ids(*ID_RANGE[n], size, seed=i) for i, (n, size) in enumerate(zip(names, sizes))]
+    sampler = MultiSourceBatchSampler(sizes, 4, upsample=list(upsample), order=order, seed=seed)
+    sft_args = SftArguments(k=200, full_ft_max_epochs=None, full_ft_max_steps=kw.pop("p1", 12),
+                            sparse_ft_max_epochs=None, sparse_ft_max_steps=kw.pop("p2", 12))
+    from transformers import default_data_collator
+
+    return MultiSourceFineTuner(model=model, args=training_args(tmp_path / "work", seed=seed, **kw),
+                                train_dataset=MultiSourceDataset(data), data_collator=default_data_collator,
+                                shift=shift, source_names=names, batch_sampler=sampler, sft_args=sft_args, mlm=False)
+
+
+def test_each_batch_sees_exactly_its_own_source_sft_and_storage_never_holds_one(tmp_path):
+    tuner = make_tuner(tmp_path, {"a": source_sft("a"), "b": source_sft("b"), "c": None})
+    seen = []
+
+    def probe(module, args, kwargs):
+        if module.training:
+            layer = module.get_submodule(TENSOR.rsplit(".", 1)[0])
+            seen.append((tuner._phase, which_source(kwargs["input_ids"]), marks_on(layer.weight)))
+
+    tuner.model.register_forward_pre_hook(probe, with_kwargs=True)
+    clean = StoredClean(tuner)
+    tuner.add_callback(clean)
+    tuner.train()
+    assert {p for p, _, _ in seen} == {1, 2} and {s for _, s, _ in seen} == {"a", "b", "c"}
+    wrong = [(p, s, m) for p, s, m in seen if m != ({s} if s != "c" else set())]
+    assert not wrong, wrong[:5]
+    assert not clean.bad
+    # upsampling: c (8 examples x2) gives 4 batches an epoch, a 6, b 4 (batch 4)
+    assert tuner.batch_sampler.batches_per_source() == [6, 4, 4]
+    assert sum(tuner.source_batches.values()) == 24 and all(v > 0 for v in tuner.source_batches.values())
+
+
+def test_theta_after_training_is_theta0_plus_task_sft_bit_for_bit(tmp_path):
+    tuner = make_tuner(tmp_path, {"a": source_sft("a"), "b": source_sft("b"), "c": None}, p1=10, p2=10)
+    tuner.train()
+    fresh = tiny_tagger()
+    compsft.apply(fresh, tuner.sft, check_base=False)
+    trained = dict(tuner.model.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, trained[name]), name
+    assert not any(".parametrizations." in n for n in trained)
+
+
+def test_shift_is_exact_over_many_source_changes():
+    """1,000 steps alternating three sources: the stored weight equals a reference trained with the
+    source SFT added in its forward by hand, bit for bit (no drift from apply/revert pairs)."""
+    torch.manual_seed(0)
+    lin, ref = torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(16, 32, bias=False)
+    ref.load_state_dict(lin.state_dict())
+    name = "weight"
+    sfts = {s: SparseFineTuning({name: SparseDelta((32, 16), POSITIONS[s].to(torch.int32),
+                                                   torch.randn(len(POSITIONS[s])) * 0.5)}, {}, SftConfig())
+            for s in ("a", "b")}
+    sfts["c"] = None
+    shift = SourceShift(sfts)
+    opt, ref_opt = torch.optim.SGD(lin.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    x = torch.randn(4, 16)
+    for step in range(1000):
+        source = "abc"[step * 7 % 3 if step % 5 else 0]
+        with shift.applied(lin, source):
+            lin(x).pow(2).mean().backward()
+        w = ref.weight
+        if sfts[source] is not None:
+            d = sfts[source].diffs[name]
+            w = w.reshape(-1).index_add(0, d.indices.long(), d.values).view_as(w)
+        torch.nn.functional.linear(x, w).pow(2).mean().backward()
+        opt.step(), ref_opt.step(), opt.zero_grad(), ref_opt.zero_grad()
+    assert torch.equal(lin.weight, ref.weight)
+    assert shift.changes > 100 and isinstance(lin._parameters["weight"], torch.nn.Parameter)
+
+
+def test_sampler_upsamples_orders_and_depends_on_seed_and_epoch_only():
+    s = MultiSourceBatchSampler([10, 3], 4, upsample=[1, 3], order="sequential", seed=1)
+    plan = s.plan()
+    assert [src for src, _ in plan] == [0, 0, 0, 1, 1, 1] and len(s) == 6
+    counts = torch.bincount(torch.tensor([i for src, b in plan if src == 1 for i in b]), minlength=3)
+    assert counts.tolist() == [3, 3, 3]
+    r = MultiSourceBatchSampler([10, 3], 4, upsample=[1, 3], order="random", seed=1)
+    first = list(r)
+    assert first == list(MultiSourceBatchSampler([10, 3], 4, upsample=[1, 3], order="random", seed=1))
+    assert all(max(b) < 10 or min(b) >= 10 for b in first)   # one source per batch (global indices)
+    r.set_epoch(1)
+    assert list(r) != first and sorted(map(sorted, r)) != []
+    with pytest.raises(CompsftError, match="order"):
+        MultiSourceBatchSampler([3], 2, order="shuffled")
+    with pytest.raises(CompsftError, match="twice"):
+        check_sources([TaskSource("gle", "x"), TaskSource("gle", "y")])
+    with pytest.raises(CompsftError, match="upsample"):
+        TaskSource("gle", "x", upsample=0)
