@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "compsft.commands.sft_files",
     "compsft.commands.evaluate",
     "compsft.commands.predict",
+    "compsft.commands.serve",
     "compsft.commands.languages",
     "compsft.commands.models",
     "compsft.commands.train",
