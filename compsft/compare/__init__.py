@@ -6,7 +6,9 @@
 
 Modules: `config` (settings, targets, the resolved grid), `budgets` (quick, cpu, paper), `grid` (cache
 layout and keys), `run` (the cells), `stats` (mean ± sd, paired intervals), `report` (json, csv, md),
-`plot` (plot.png), `progress` (the reporter protocol), `presets` (the demo).
+`plot` (plot.png), `progress` (the reporter protocol), `presets` (the demo), `graph` (the grid as modules and
+cells waiting for each other), `executors` and `slurm` (where they run: here, local workers, SLURM jobs),
+`claims` (one trainer per module across processes and machines).
 """
 from __future__ import annotations
 
@@ -24,10 +26,13 @@ from .progress import NullReporter, Reporter, TqdmReporter
 logger = logging.getLogger(__name__)
 
 
-def compare(config: CompareConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+def compare(config: CompareConfig, reporter: Reporter | None = None, executor=None) -> dict[str, Any]:
     """Run (or continue, with `config.resume`) the grid; write results.json, results.csv, results.md and
-    plot.png into `config.out` and return the results."""
+    plot.png into `config.out` and return the results. `executor` decides where the grid's modules and cells
+    run (`compsft.compare.executors`: this process by default, local workers, or SLURM jobs); the results
+    are the same."""
     from .grid import check_grid_file
+    from .executors import SerialExecutor
     from .report import build_results, write_outputs
     from .run import GridRunner
 
@@ -46,13 +51,16 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> dict[str
     def report(cells: list) -> dict[str, Any]:
         results = build_results(grid, cells, methods, device, time.perf_counter() - started, runner.setup_seconds)
         results["cells_total"] = len(runner.cells())
+        results["execution"] = (executor or SerialExecutor()).describe()
+        if runner.lost:
+            results["lost"] = list(runner.lost)
         write_outputs(grid.out, results)
         return results
 
     if config.report_only:
         return report(runner.finished())
     try:
-        cells = runner.run()
+        cells = runner.run(executor)
     except KeyboardInterrupt:
         # What finished is on disk already; the table of it is written before the interrupt goes on.
         done = runner.finished()

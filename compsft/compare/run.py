@@ -36,6 +36,20 @@ logger = logging.getLogger(__name__)
 class ModuleFailed(Exception):
     """A module this cell needs failed earlier in this run (not retried until the next run)."""
 
+    def __init__(self, message: str, trace: str = "") -> None:
+        super().__init__(message)
+        self.trace = trace
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleStep:
+    """One module a cell needs: its role in the cell, its directory in the cache (its key), and how to train it."""
+
+    role: str  # source_language, task, target_language
+    key_dir: Path
+    label: str
+    train: Callable[[MethodContext, Path], ModuleInfo]
+
 
 @dataclasses.dataclass
 class CellTimes:
@@ -54,10 +68,13 @@ class GridRunner:
         self._describe = ""
         self.ctx = MethodContext(model_dir=grid.model_dir, budget=grid.budget, device=device,
                                  callbacks=[step_callback(reporter, lambda: self._describe)])
-        self._failed_modules: dict[Path, str] = {}
+        #: modules that failed in this run (key directory -> (error, traceback)): their cells fail, untrained
+        self.failed_modules: dict[Path, tuple[str, str]] = {}
         self._test_sets: dict[str, list] = {}
         self._tokenizer = None
         self.cells_run = 0
+        #: nodes whose worker or job died in this run (their cells are left for --resume)
+        self.lost: list[str] = []
         #: reading the test sets and the tokenizer, before the first cell
         self.setup_seconds = 0.0
 
@@ -76,29 +93,29 @@ class GridRunner:
                 records.append(record)
         return records
 
-    def run(self) -> list[dict[str, Any]]:
-        cells = self.cells()
-        records: list[dict[str, Any] | None] = [read_json(cell_path(self.grid.out, m, t.code, s))
-                                                for s, m, t in cells]
-        self.reporter.grid_start(len(cells), sum(r is not None for r in records))
-        todo = {t.code: t for (s, m, t), r in zip(cells, records) if r is None}
-        if todo:  # once per run, not per cell: timed apart from the cells' overhead
+    def run(self, executor=None) -> list[dict[str, Any]]:
+        """Run the cells not done yet through `executor` (default: in this process, one node at a time, in
+        grid order: `compsft.compare.graph`) and return every cell record, done before or now."""
+        from .executors import SerialExecutor
+        from .graph import run_graph
+
+        executor = executor or SerialExecutor()
+        if executor.in_process and any(read_json(cell_path(self.grid.out, m, t.code, s)) is None
+                                       for s, m, t in self.cells()):
+            # once per run, not per cell: timed apart from the cells' overhead (workers read their own)
             started = time.perf_counter()
             self._get_tokenizer()
-            for target in todo.values():
+            for target in self.grid.targets:
                 self._test_set(target)
             self.setup_seconds = time.perf_counter() - started
-        try:
-            for i, (seed, method, target) in enumerate(cells):
-                if records[i] is None:
-                    records[i] = self.run_cell(method, target, seed)
-        finally:
-            self.reporter.grid_end()
-        return [r for r in records if r is not None]
+        return run_graph(self, executor)
+
+    def target(self, code: str) -> Target:
+        return next(t for t in self.grid.targets if t.code == code)
 
     # -- one cell -----------------------------------------------------------------------------------
     def run_cell(self, method: str, target: Target, seed: int) -> dict[str, Any]:
-        name = f"{method} → {target.code}, seed {seed}"
+        name = cell_name(method, target.code, seed)
         self.reporter.cell_start(name)
         started = time.perf_counter()
         times = CellTimes()
@@ -111,7 +128,7 @@ class GridRunner:
         except Exception as err:  # one cell's failure must not stop the grid
             logger.warning("cell %s failed: %s", name, err)
             record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                          traceback="" if isinstance(err, ModuleFailed) else traceback.format_exc())
+                          traceback=err.trace if isinstance(err, ModuleFailed) else traceback.format_exc())
         wall = time.perf_counter() - started
         record["times"] = {"wall_seconds": round(wall, 4), "train_seconds": round(times.train, 4),
                            "assemble_seconds": round(times.assemble, 4), "evaluate_seconds": round(times.evaluate, 4),
@@ -120,25 +137,17 @@ class GridRunner:
         if record["status"] == "ok":
             write_json(cell_path(self.grid.out, method, target.code, seed), record)
             failed_file.unlink(missing_ok=True)
-            metric = (record["metrics"]["fixed"] or {}).get(self.grid.metric)
-            summary = f"{self.grid.metric} {metric:.4f}" if metric is not None else "done"
         else:
             write_json(failed_file, record)  # kept for the record; the cell is retried on --resume
-            summary = "FAILED: " + record["error"][:80]
         self.cells_run += 1
-        self.reporter.cell_end(name, summary)
+        self.reporter.cell_end(name, cell_summary(record, self.grid.metric))
         return record
 
     def _compute(self, method: str, target: Target, seed: int, times: CellTimes) -> dict[str, Any]:
         spec = get_method(method)
         modules: dict[str, dict[str, Any]] = {}
-        source_dir = None
-        if spec.has_language_module and spec.uses_source_language:
-            source_dir = self._language_module(spec, self.grid.source, seed, times, modules, "source_language")
-        task_dir = self._task_module(spec, seed, source_dir, times, modules)
-        target_dir = None
-        if spec.has_language_module and spec.uses_target_language:
-            target_dir = self._language_module(spec, target.language, seed, times, modules, "target_language")
+        dirs = {step.role: self._module(step, times, modules) for step in self.module_plan(method, target, seed)}
+        task_dir, target_dir = dirs["task"], dirs.get("target_language")
         metrics = {"fixed": self._evaluate(spec, task_dir, target_dir, target, times, "fixed"), "dev_selected": None}
         selected = task_dir / DEV_SELECTED
         has_selection = self.grid.budget.dev_checks > 0 and selected.is_dir()
@@ -156,32 +165,56 @@ class GridRunner:
                 "module_seconds": round(sum(m["seconds"] for m in modules.values()), 3)}
 
     # -- modules ------------------------------------------------------------------------------------
-    def _language_module(self, spec, lang: LanguageSide, seed: int, times: CellTimes, modules: dict,
-                         role: str) -> Path:
-        key_dir = language_module_dir(self.grid, spec.language_key, lang, seed)
-        data = LanguageData(code=lang.code, texts=[Path(p) for p in lang.texts],
-                            exclude=[Path(p) for p in self.grid.exclude])
-        label = f"{spec.language_key}: language module {lang.code} (seed {seed})"
-        return self._module(key_dir, label, lambda ctx, out: spec.train_language(ctx, data, seed, out),
-                            times, modules, role)
-
-    def _task_module(self, spec, seed: int, source_dir: Path | None, times: CellTimes, modules: dict) -> Path:
+    def module_plan(self, method: str, target: Target, seed: int) -> list[ModuleStep]:
+        """The modules a cell needs, in the order it makes sure of them (the task module after the source
+        language module it is trained on). The grid's graph (`graph.py`) is built from this same list."""
+        spec = get_method(method)
+        steps = []
+        source_dir = None
+        if spec.has_language_module and spec.uses_source_language:
+            steps.append(self._language_step(spec, self.grid.source, seed, "source_language"))
+            source_dir = steps[-1].key_dir / "module"
         key_dir = task_module_dir(self.grid, spec.task_key, seed, source_dir.parent if source_dir else None)
         data = TaskData(task=self.grid.task, train=self.grid.source_train, dev=self.grid.source_dev)
-        label = f"{spec.task_key}: task module {self.grid.task} (seed {seed})"
-        return self._module(key_dir, label, lambda ctx, out: spec.train_task(ctx, data, source_dir, seed, out),
-                            times, modules, "task")
+        steps.append(ModuleStep("task", key_dir, f"{spec.task_key}: task module {self.grid.task} (seed {seed})",
+                                lambda ctx, out: spec.train_task(ctx, data, source_dir, seed, out)))
+        if spec.has_language_module and spec.uses_target_language:
+            steps.append(self._language_step(spec, target.language, seed, "target_language"))
+        return steps
 
-    def _module(self, key_dir: Path, label: str, train: Callable[[MethodContext, Path], ModuleInfo],
-                times: CellTimes, modules: dict, role: str) -> Path:
+    def _language_step(self, spec, lang: LanguageSide, seed: int, role: str) -> ModuleStep:
+        data = LanguageData(code=lang.code, texts=[Path(p) for p in lang.texts],
+                            exclude=[Path(p) for p in self.grid.exclude])
+        return ModuleStep(role, language_module_dir(self.grid, spec.language_key, lang, seed),
+                          f"{spec.language_key}: language module {lang.code} (seed {seed})",
+                          lambda ctx, out: spec.train_language(ctx, data, seed, out))
+
+    def train_module(self, method: str, target: Target, seed: int, role: str) -> dict[str, Any]:
+        """Make sure of the module `role` of a cell (the modules before it in the plan must be done): the
+        node of a module in the grid's graph. Returns its module.json."""
+        modules: dict[str, dict[str, Any]] = {}
+        step = next(s for s in self.module_plan(method, target, seed) if s.role == role)
+        self._module(step, CellTimes(), modules)
+        return modules[role]
+
+    def _module(self, step: ModuleStep, times: CellTimes, modules: dict) -> Path:
+        from .claims import claim_module
+
+        key_dir, label = step.key_dir, step.label
         out, work, info_file = key_dir / "module", key_dir / "work", key_dir / MODULE_FILE
         info = read_json(info_file)
         if info is None:
-            if key_dir in self._failed_modules:
-                raise ModuleFailed(f"{label} failed earlier in this run: {self._failed_modules[key_dir]}")
-            info = self._train(out, work, info_file, label, train, times, key_dir)
+            if key_dir in self.failed_modules:
+                error, trace = self.failed_modules[key_dir]
+                raise ModuleFailed(f"{label} failed earlier in this run: {error}", trace)
+            # One trainer per module, across workers, grids and machines sharing the cache: the claim is
+            # held while training; whoever waited finds module.json written when it gets the claim.
+            with claim_module(key_dir, label, on_wait=lambda holder: self.reporter.steps_start(
+                    f"{label}: waiting for {holder}", 1)):
+                info = read_json(info_file) or self._train(out, work, info_file, label, step.train, times, key_dir)
         # `resumed` stays in module.json: a resumed grid's results must equal an uninterrupted one's.
-        modules[role] = {"dir": relative_path(key_dir, self.grid.out), **{k: v for k, v in info.items() if k != "resumed"}}
+        modules[step.role] = {"dir": relative_path(key_dir, self.grid.out),
+                              **{k: v for k, v in info.items() if k != "resumed"}}
         return out
 
     def _train(self, out: Path, work: Path, info_file: Path, label: str, train, times: CellTimes,
@@ -199,7 +232,7 @@ class GridRunner:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:
-            self._failed_modules[key_dir] = f"{type(err).__name__}: {err}"
+            self.failed_modules[key_dir] = (f"{type(err).__name__}: {err}", traceback.format_exc())
             raise
         finally:
             times.train += time.perf_counter() - started
@@ -251,6 +284,18 @@ class GridRunner:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.grid.model_dir)
         return self._tokenizer
+
+
+def cell_name(method: str, target: str, seed: int) -> str:
+    return f"{method} → {target}, seed {seed}"
+
+
+def cell_summary(record: dict[str, Any], metric: str) -> str:
+    """A finished cell in a few words, for the progress display."""
+    if record.get("status") != "ok":
+        return "FAILED: " + str(record.get("error", ""))[:80]
+    score = (record["metrics"]["fixed"] or {}).get(metric)
+    return f"{metric} {score:.4f}" if score is not None else "done"
 
 
 def _selected_final_step(task_module: dict[str, Any]) -> bool:

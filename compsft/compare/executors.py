@@ -1,0 +1,281 @@
+"""Where the grid's nodes run (`graph.py` decides what runs when): this process, local worker processes, or
+SLURM jobs through submitit. Module code never knows which one runs it: every node is `execute_node`.
+
+    compare(config, reporter)                                   # SerialExecutor: in this process, in order
+    compare(config, reporter, LocalWorkers(workers=2, threads=1))        # two processes, one thread each
+    compare(config, reporter, SubmititExecutor("slurm", "runs/cmp/slurm", partition="gpu", gpus=1))
+
+Workers are processes started with the spawn method (a fresh interpreter: no forked torch state, safe with
+CUDA) that receive the resolved `Grid` (paths and numbers, never a model) and a `Node`; each keeps its own
+`GridRunner` (tokenizer, test sets) between nodes. A worker process that dies takes only its node with it
+(one single-process pool per worker, so the others go on). Methods registered at run time (your own, or a
+test's) must be registered in the workers too: `setup="package.module:function"` is imported and called in
+each worker before its first node.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from compsft.errors import CompsftError
+
+from .config import Grid
+
+logger = logging.getLogger(__name__)
+
+
+# -- what every node runs ---------------------------------------------------------------------------------
+def execute_node(runner, node, failed: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Run one node with `runner` (the sequential grid's code): {"status": "ok" | "failed", ...}; a cell's
+    record (which may be a failed cell) is in "record"."""
+    runner.failed_modules.update({Path(k): v for k, v in failed.items()})
+    target = runner.target(node.target)
+    if node.kind == "cell":
+        return {"status": "ok", "record": runner.run_cell(node.method, target, node.seed)}
+    try:
+        runner.train_module(node.method, target, node.seed, node.role)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # recorded for the cells that need it; the grid goes on
+        logger.warning("%s failed: %s", node.label, err)
+        return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    return {"status": "ok"}
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _setup_process(threads: int | None, setup: str | None, gpu: str | None = None) -> None:
+    """Once per worker process, before its first node."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is initialised: the worker sees its GPU only
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    import transformers
+
+    # As the command does for itself: load reports of task models built from an MLM checkpoint are expected.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if setup:
+        module, _, function = setup.partition(":")
+        try:
+            getattr(importlib.import_module(module), function or "setup")()
+        except (ImportError, AttributeError) as err:
+            raise CompsftError(f"worker setup {setup!r}: {err}") from None
+
+
+def _runner(grid: Grid, device: str, reporter):
+    from .run import GridRunner
+
+    runner = _WORKER.get("runner")
+    if runner is None or runner.grid != grid or runner.device != device:
+        runner = _WORKER["runner"] = GridRunner(grid, reporter, device)
+    return runner
+
+
+def _worker_init(worker: int, threads: int | None, setup: str | None, gpu: str | None, events) -> None:
+    _WORKER.update(worker=worker, events=events)
+    _setup_process(threads, setup, gpu)
+
+
+def run_worker_node(grid: Grid, device: str, node, failed: dict) -> dict[str, Any]:
+    """A node in a local worker process (module-level, so that it is pickled by name)."""
+    events = _WORKER["events"]
+    return execute_node(_runner(grid, device, QueueReporter(events, _WORKER["worker"])), node, failed)
+
+
+def run_job_node(grid: Grid, device: str, node, failed: dict, threads: int | None,
+                 setup: str | None) -> dict[str, Any]:
+    """A node as a submitit job (a fresh process, or a reused one with the debug executor)."""
+    from .progress import NullReporter
+
+    if not _WORKER.get("job_setup"):
+        _setup_process(threads, setup)
+        _WORKER["job_setup"] = True
+    return execute_node(_runner(grid, device, NullReporter()), node, failed)
+
+
+class QueueReporter:
+    """A worker's progress, sent to the driver as (worker, method, args) events."""
+
+    def __init__(self, events, worker: int) -> None:
+        self.events, self.worker = events, worker
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return lambda *args: self.events.put((self.worker, method, args))
+
+
+def forward_event(reporter, worker: int, method: str, args: tuple) -> None:
+    """Show a worker's event: its cells on the grid's bar, its steps on the worker's own line."""
+    if method in ("cell_start", "cell_end"):
+        getattr(reporter, method)(*args)
+    elif method in ("steps_start", "steps_advance"):
+        own = getattr(reporter, "worker_" + method.split("_")[1], None)
+        if own is not None:
+            own(worker, *args)
+        else:  # a reporter without worker lines: the shared line
+            getattr(reporter, method)(*args)
+
+
+# -- executors --------------------------------------------------------------------------------------------
+class SerialExecutor:
+    """In this process, one node at a time: the default, and what a one-worker grid is."""
+
+    slots = 1
+    in_process = True
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self._saved: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": "serial", "workers": 1, "threads_per_worker": self.threads}
+
+    def start(self, runner) -> None:
+        self.runner = runner
+        if self.threads:
+            import torch
+
+            self._saved = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+
+    def submit(self, node, failed: dict):
+        done = _Done()
+        done.outcome = execute_node(self.runner, node, failed)
+        return done
+
+    def wait(self, handles: list, timeout: float, reporter=None) -> list:
+        return handles
+
+    def outcome(self, handle) -> dict[str, Any]:
+        return handle.outcome
+
+    def drain(self, reporter) -> None: ...
+    def stop(self) -> None: ...
+
+    def close(self) -> None:
+        if self._saved is not None:
+            import torch
+
+            torch.set_num_threads(self._saved)
+            self._saved = None
+
+
+class _Done:
+    """A node run already (hashable by identity, as the other executors' handles)."""
+
+    outcome: dict[str, Any]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else all that torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+class LocalWorkers:
+    """`workers` processes on this machine, `threads` torch threads each; with device cuda, one GPU each."""
+
+    slots: int
+    in_process = False
+
+    def __init__(self, workers: int, threads: int | None = None, setup: str | None = None) -> None:
+        if workers < 1:
+            raise CompsftError(f"--workers {workers}: give at least one worker")
+        self.slots = workers
+        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        self.setup = setup
+        self._pools: list[cf.ProcessPoolExecutor | None] = [None] * workers
+        self._slot_of: dict[cf.Future, int] = {}
+        self._nodes: dict[cf.Future, Any] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": "local", "workers": self.slots, "threads_per_worker": self.threads}
+
+    def start(self, runner) -> None:
+        self.grid, self.device = runner.grid, runner.device
+        self.gpus: list[str | None] = [None] * self.slots
+        if self.device == "cuda":
+            gpus = visible_gpus()
+            if len(gpus) < self.slots:
+                raise CompsftError(f"--workers {self.slots} with --device cuda: {len(gpus)} GPU(s) visible "
+                                   f"({', '.join(gpus) or 'none'}); one worker per GPU")
+            self.gpus = gpus[:self.slots]
+        self._ctx = multiprocessing.get_context("spawn")
+        self._events = self._ctx.Queue()
+
+    def _pool(self, slot: int) -> cf.ProcessPoolExecutor:
+        if self._pools[slot] is None:
+            self._pools[slot] = cf.ProcessPoolExecutor(
+                1, mp_context=self._ctx, initializer=_worker_init,
+                initargs=(slot, self.threads, self.setup, self.gpus[slot], self._events))
+        return self._pools[slot]
+
+    def submit(self, node, failed: dict):
+        slot = next(i for i in range(self.slots) if i not in self._slot_of.values())
+        future = self._pool(slot).submit(run_worker_node, self.grid, self.device, node,
+                                         {str(k): v for k, v in failed.items()})
+        self._slot_of[future], self._nodes[future] = slot, node
+        return future
+
+    def wait(self, handles: list, timeout: float, reporter=None) -> list:
+        done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        return [h for h in handles if h in done]
+
+    def outcome(self, handle: cf.Future) -> dict[str, Any]:
+        slot, node = self._slot_of.pop(handle), self._nodes.pop(handle)
+        try:
+            return handle.result()
+        except cf.process.BrokenProcessPool:
+            # The worker died (killed, out of memory): only its own pool is broken; a fresh one takes its slot.
+            self._pools[slot].shutdown(wait=False, cancel_futures=True)
+            self._pools[slot] = None
+            return {"status": "lost", "error": f"worker {slot + 1} died while running it"}
+        except BaseException as err:  # KeyboardInterrupt in the worker (Ctrl-C reaches the whole group), ...
+            return {"status": "lost", "error": f"worker {slot + 1}: {type(err).__name__}: {err}"}
+
+    def drain(self, reporter) -> None:
+        import queue
+
+        while True:
+            try:
+                worker, method, args = self._events.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                return
+            forward_event(reporter, worker, method, args)
+
+    def stop(self) -> None:
+        """Ctrl-C: interrupt the workers (their claims are released on the way out), then end them."""
+        workers = multiprocessing.active_children()
+        for p in workers:
+            with contextlib.suppress(OSError):
+                os.kill(p.pid, signal.SIGINT)
+        deadline = time.monotonic() + 15
+        for p in workers:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+
+    def close(self) -> None:
+        for i, pool in enumerate(self._pools):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                self._pools[i] = None
+
