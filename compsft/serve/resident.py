@@ -16,6 +16,7 @@ weight changes, so a bad SFT never leaves the model half-applied.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from pathlib import Path
@@ -42,7 +43,8 @@ class ResidentModel:
 
         self.model_dir = local_dir(model_dir, "--model")
         self.device = torch.device(device)
-        self.encoder = load_encoder(self.model_dir).to(self.device).eval().requires_grad_(False)
+        with _quiet_transformers():  # its load report lists the MLM head a bare encoder leaves out, at length
+            self.encoder = load_encoder(self.model_dir).to(self.device).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(tokenizer_dir or self.model_dir,
                                         "--tokenizer" if tokenizer_dir else "--model")
         self.vocab = vocab_fingerprint(self.tokenizer)
@@ -142,6 +144,18 @@ class ResidentModel:
                 if not n.startswith(prefix + "."):
                     out[f"{task}.{n}"] = p
         return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _require_head(model: torch.nn.Module, task_sft: SparseFineTuning) -> None:
