@@ -179,3 +179,104 @@ def test_sampler_upsamples_orders_and_depends_on_seed_and_epoch_only():
         check_sources([TaskSource("gle", "x"), TaskSource("gle", "y")])
     with pytest.raises(CompsftError, match="upsample"):
         TaskSource("gle", "x", upsample=0)
+
+
+# -- the recipe and the command line ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_assets(tmp_path_factory):
+    """A tiny model with a character vocabulary and two source SFTs (gle, fin) marking TENSOR."""
+    from transformers import BertForMaskedLM
+
+    root = tmp_path_factory.mktemp("multisource_cli")
+    model_dir = make_model_dir(root / "model")
+    mlm = BertForMaskedLM.from_pretrained(model_dir)
+    for lang, mark in (("gle", "a"), ("fin", "b")):
+        sft = source_sft(mark, model=mlm)
+        sft.config.language = lang
+        compsft.save(sft, root / lang)
+    return {"model": model_dir, "root": root}
+
+
+def task_args(assets, out, p1=4, p2=4, extra=()):
+    root = assets["root"]
+    return ["train-task", "--task", "pos", "--model", assets["model"], "--out", out,
+            "--train", "ud:ga_idt:train", "--train", "ud:fi_tdt:train", "--max-sentences", "12",
+            "--source-sft", f"gle={root / 'gle'}", "--source-sft", root / "fin",   # fin: named by the SFT itself
+            "--upsample", "fin=2", "--k", "300", "--max-length", "32", "--batch-size", "8", "--logging-steps", "2",
+            "--cpu", "--phase1-epochs", "1", "--phase1-min-steps", str(p1), "--phase1-max-steps", str(p1),
+            "--phase2-epochs", "1", "--phase2-min-steps", str(p2), "--phase2-max-steps", str(p2), *extra]
+
+
+def run_cli(args):
+    from typer.testing import CliRunner
+
+    from compsft.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_cli_multi_source_records_its_sources_and_dev_mean(cli_assets):
+    out = cli_assets["root"] / "pos"
+    result = run_cli(task_args(cli_assets, out, extra=["--dev", "ud:ga_idt:dev", "--dev", "fin=ud:fi_tdt:dev",
+                                                       "--dev-checks", "2", "--save-steps", "0"]))
+    sft = compsft.load(out)
+    multi = sft.config.training["multi_source"]
+    assert [(r["name"], r["upsample"], r["language_sft"]) for r in multi["sources"]] == \
+        [("gle", 1, True), ("fin", 2, True)]
+    assert all(r["vocabulary_fallback"]["words"] > 0 for r in multi["sources"])
+    assert sum(multi["batches"]["phase1"].values()) == 4 and set(multi["batches"]["phase2"]) == {"gle", "fin"}
+    dev = sft.config.training["dev"]
+    assert set(dev["per_source"]) == {"gle", "fin"}
+    assert dev["metrics"]["accuracy"] == pytest.approx(
+        sum(m["accuracy"] for m in dev["per_source"].values()) / 2)
+    assert (out / "dev-selected").is_dir() and "dev (mean over sources)" in result.output
+    assert "source fin: 12 sentences x2" in result.output
+
+
+def test_cli_multi_source_errors(cli_assets):
+    from typer.testing import CliRunner
+
+    from compsft.cli import app
+
+    root = cli_assets["root"]
+    cases = [(["--train", "ud:ga_idt:train", "--train", "some/file.conllu"], "say which language"),
+             (["--train", "ud:ga_idt:train", "--train", "gle=ud:fi_tdt:train"], "given twice"),
+             (["--train", "ud:ga_idt:train", "--train", "ud:fi_tdt:train", "--dev", "ud:en_ewt:dev"], "not one of"),
+             (["--train", "ud:ga_idt:train", "--train", "ud:fi_tdt:train", "--upsample", "gle=0"], "N >= 1")]
+    for extra, message in cases:
+        args = ["train-task", "--task", "pos", "--model", cli_assets["model"], "--out", root / "bad", "--cpu", *extra]
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert isinstance(result.exception, CompsftError) and message in str(result.exception), (extra, result.output)
+
+
+def _kill_run(args, phase, step):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COMPSFT_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run([sys.executable, str(HERE / "training_kill.py"), str(phase), str(step), "--",
+                           *[str(a) for a in args]], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(cli_assets):
+    """Killed in phase 1 after its checkpoint at step 6, in the second epoch of the batch order (3 sentences
+    per source give a few batches an epoch): the resumed run trains on the same batches, bit for bit."""
+    root = cli_assets["root"]
+    extra = ["--save-steps", "3", "--source-order", "random", "--max-sentences", "3"]
+    run_cli(task_args(cli_assets, root / "whole", p1=10, p2=4, extra=extra))
+    whole = compsft.load(root / "whole")
+    per_epoch = sum(r["batches_per_epoch"] for r in whole.config.training["multi_source"]["sources"])
+    assert per_epoch < 6, per_epoch   # the checkpoint at step 6 lies past the first epoch
+    resumed = root / "resumed"
+    args = task_args(cli_assets, resumed, p1=10, p2=4, extra=extra)
+    _kill_run(args, phase=1, step=8)
+    assert (root / "resumed.work" / "phase1" / "checkpoint-6").is_dir() and not resumed.exists()
+    run_cli(args + ["--resume"])
+    again = compsft.load(resumed)
+    assert again.config.training["phases"]["phase1"]["resumed_from"].endswith("checkpoint-6")
+    assert again.config.training["multi_source"]["batches"] == whole.config.training["multi_source"]["batches"]
+    for n in whole.diffs:
+        assert torch.equal(whole.diffs[n].indices, again.diffs[n].indices), n
+        assert torch.equal(whole.diffs[n].values, again.diffs[n].values), n
+    for n in whole.dense:
+        assert torch.equal(whole.dense[n], again.dense[n]), n

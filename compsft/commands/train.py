@@ -152,12 +152,24 @@ def register(app: typer.Typer) -> None:
     def train_task(
         task: str = typer.Option(..., "--task", help="Task: pos, dep or ner."),
         model: Path = typer.Option(..., "--model", help="Model directory (the pretrained encoder)."),
-        train: str = typer.Option(..., "--train", help="Training file (CoNLL-U, NER columns; .gz ok) or a shipped "
-                                                       "data name such as ud:en_ewt:train."),
+        train: List[str] = typer.Option(..., "--train", help="Training file (CoNLL-U, NER columns; .gz ok) or a "
+                                                             "shipped data name such as ud:en_ewt:train. Repeat it "
+                                                             "for multi-source training, one per source: "
+                                                             "[LANG=]DATA (a shipped UD name knows its language)."),
         out: Path = typer.Option(..., "--out", help="Directory to write the task SFT to."),
-        dev: Optional[str] = typer.Option(None, "--dev", help="Development file, evaluated after training."),
-        source_sft: Optional[Path] = typer.Option(None, "--source-sft", help="Source-language SFT, applied "
-                                                                            "(without its MLM head) before training."),
+        dev: List[str] = typer.Option([], "--dev", help="Development file, evaluated after training "
+                                                         "(multi-source: [LANG=]DATA per source; the mean is reported)."),
+        source_sft: List[str] = typer.Option([], "--source-sft", help="Source-language SFT, applied (without its MLM "
+                                                                      "head) while training; multi-source: "
+                                                                      "[LANG=]DIR per source, for its batches only "
+                                                                      "(a source without one trains on θ0)."),
+        upsample: List[str] = typer.Option([], "--upsample", help="Multi-source: LANG=N repeats that source's "
+                                                                  "examples N times per epoch."),
+        source_order: str = typer.Option("random", "--source-order", help="Multi-source: random (seeded) or "
+                                                                          "sequential order of the sources' batches."),
+        dev_checks: int = typer.Option(0, "--dev-checks", min=0, help="Multi-source: score the mean over the "
+                                                                      "sources' dev sets N times in phase 2 and "
+                                                                      "write the best state to OUT/dev-selected."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
                                                                  "2·L·h² for L layers of width h; 14,155,776 for mBERT)."),
         density: Density = None,
@@ -190,11 +202,28 @@ def register(app: typer.Typer) -> None:
 
         Example: compsft train-task --task pos --model M --train ud:en_ewt:train --source-sft sfts/eng --out sfts/pos
         """
-        from compsft.training.recipes import train_task_sft
+        from compsft.errors import CompsftError
+        from compsft.training.multisource import is_multi_source
 
         precision = _precision(bf16, fp16, cpu, save_dtype)
+        if is_multi_source(train, source_sft):
+            _train_multisource(task, model, out, train, dev, source_sft, upsample, dict(
+                order=source_order, dev_checks=dev_checks, k=k, density=density, mask_strategy=mask_strategy,
+                phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
+                phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
+                l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                max_sentences=max_sentences, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
+                weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
+                precision=precision, save_dtype=save_dtype))
+            return
+        if len(dev) > 1 or len(source_sft) > 1 or upsample or dev_checks:
+            raise CompsftError("several --dev or --source-sft, --upsample and --dev-checks are for multi-source "
+                               "training: give one --train per source")
+        from compsft.training.recipes import train_task_sft
+
         tuner = train_task_sft(
-            task, model, train, out, dev=dev, source_sft=source_sft, k=k, density=density,
+            task, model, train[0], out, dev=dev[0] if dev else None,
+            source_sft=Path(source_sft[0]) if source_sft else None, k=k, density=density,
             mask_strategy=mask_strategy,
             phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
             phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
@@ -208,3 +237,28 @@ def register(app: typer.Typer) -> None:
             metrics = dev_metrics["metrics"]
             typer.echo(f"dev: {', '.join(f'{k}={v:.4f}' for k, v in metrics.items() if isinstance(v, float))}", err=True)
         _report(tuner, out)
+
+
+def _train_multisource(task, model, out, train, dev, source_sft, upsample, kwargs) -> None:
+    """`train-task` with one --train per source (`compsft.training.multisource_recipe`)."""
+    from compsft.training.multisource import sources_from_cli
+    from compsft.training.multisource_recipe import train_multisource_task_sft
+
+    sources = sources_from_cli(train, dev, source_sft, upsample)
+    tuner = train_multisource_task_sft(task, model, sources, out, **kwargs)
+    if not tuner.is_world_process_zero():
+        return
+    multi = tuner.sft.config.training["multi_source"]
+    for record in multi["sources"]:
+        rate = (record["vocabulary_fallback"] or {}).get("rate")
+        typer.echo(f"source {record['name']}: {record['sentences']} sentences x{record['upsample']}, "
+                   f"{sum(b.get(record['name'], 0) for b in multi['batches'].values())} batches, "
+                   f"{'its language SFT ' + str(record['source_sft']) if record['language_sft'] else 'on θ0 (no language SFT)'}"
+                   + (f", vocabulary fallback {100 * rate:.1f}%" if rate is not None else ""), err=True)
+    dev_metrics = tuner.sft.config.training.get("dev")
+    if dev_metrics:
+        per = ", ".join(f"{n} {next(v for v in m.values() if isinstance(v, float)):.4f}"
+                        for n, m in dev_metrics["per_source"].items())
+        typer.echo(f"dev (mean over sources): {', '.join(f'{k}={v:.4f}' for k, v in dev_metrics['metrics'].items())} "
+                   f"({per})", err=True)
+    _report(tuner, out)

@@ -84,6 +84,8 @@ def train_multisource_task_sft(
     cpu: bool = False,
     callbacks: list | None = None,
     quiet: bool = False,
+    precision: str | None = None,
+    save_dtype: str | None = None,
 ):
     """Train a task SFT on several sources (`TaskSource`), each batch from one source with its language
     SFT in the forward; returns the `MultiSourceFineTuner` (its `.sft` is the result).
@@ -101,7 +103,7 @@ def train_multisource_task_sft(
     from .dev_selection import DevSelection, dev_scorer, dev_subset, has_sparse_values, primary_metric, selected_sft
     from .multisource import (MultiSourceBatchSampler, MultiSourceDataset, MultiSourceFineTuner, SourceShift,
                               check_sources, mean_dev_scorer)
-    from .recipes import _check_model_dir, _sft_args, _silence, _training_args, _vocab
+    from .recipes import _check_model_dir, _eval_autocast, _save_kwargs, _sft_args, _silence, _training_args, _vocab
 
     model, out = Path(model), Path(out)
     check_sources(sources)
@@ -125,6 +127,7 @@ def train_multisource_task_sft(
         records.append({"name": s.name, "train": str(s.train), "dev": str(s.dev) if s.dev else None,
                         "sentences": len(rows), "upsample": s.upsample, "batches_per_epoch": per_epoch,
                         "source_sft": str(s.sft) if isinstance(s.sft, (str, Path)) else None,
+                        "language_sft": sft is not None,
                         "source_language": sft.config.language if sft is not None else None,
                         "vocabulary_fallback": _fallback(tokenizer, s, rows)})
     logger.info("multi-source %s: %s; %s order", task, ", ".join(
@@ -134,7 +137,7 @@ def train_multisource_task_sft(
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     args = _training_args(work, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                           save_steps=save_steps, logging_steps=logging_steps, weight_decay=weight_decay,
-                          cpu=cpu, quiet=quiet)
+                          cpu=cpu, quiet=quiet, precision=precision)
     training = {"labels": list(labels), "train": ",".join(str(s.train) for s in sources),
                 "sentences": sum(len(rows) for rows in sentences), "source_sft": None, "source_language": None,
                 "multi_source": {"sources": records, "order": order}}
@@ -158,13 +161,15 @@ def train_multisource_task_sft(
         _silence(tuner)
     tuner.train(resume_from_checkpoint=resume)
     multi = tuner.sft.config.training["multi_source"]
-    multi["source_changes"] = shift.changes
-    multi["batches_trained"] = dict(tuner.source_batches)
+    # What each phase trained on, from the batch order (the same for a resumed run).
+    accum = args.gradient_accumulation_steps
+    multi["batches"] = {phase: dict(zip([s.name for s in sources], sampler.source_counts(info["steps"] * accum)))
+                        for phase, info in tuner.phase_info.items() if phase in ("phase1", "phase2")}
     if devs and tuner.is_world_process_zero():
         # The model holds θ0 + φ_task; each dev set is scored with its own source SFT in the forward.
         scores = {}
         for name, rows in devs.items():
-            with shift.applied(task_model, name, grad=False):
+            with shift.applied(task_model, name, grad=False), _eval_autocast(precision, task_model):
                 scores[name], _ = spec.evaluate(task_model, tokenizer, spec.prepare_gold(rows, labels), labels,
                                                 max_length=max_length)
         mean = sum(float(m[metric]) for m in scores.values()) / len(scores)
@@ -172,7 +177,7 @@ def train_multisource_task_sft(
                                                       for n in scores}, "metrics": {metric: mean},
                                             "per_source": scores}
         logger.info("dev (mean over %d sources): %s=%.4f", len(scores), metric, mean)
-    tuner.save_sft(out)
+    tuner.save_sft(out, **_save_kwargs(save_dtype))
     if selection is not None and selection.best is not None and tuner.is_world_process_zero():
-        selected_sft(tuner.sft, selection.best, selection.summary()).save(out / "dev-selected")
+        selected_sft(tuner.sft, selection.best, selection.summary()).save(out / "dev-selected", **_save_kwargs(save_dtype))
     return tuner
