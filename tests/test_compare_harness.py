@@ -27,6 +27,21 @@ UPOS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART
 CALLS: Counter = Counter()
 
 
+#: with this set, the fakes append "start|end <module> <pid> <time>" lines to that file (workers are processes)
+TRAIN_LOG = "COMPSFT_TEST_TRAIN_LOG"
+
+
+def log_training(module: str, sleep: float) -> None:
+    path = os.environ.get(TRAIN_LOG)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"start {module.replace(' ', '/')} {os.getpid()} {time.time()}\n")
+    time.sleep(sleep)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"end {module.replace(' ', '/')} {os.getpid()} {time.time()}\n")
+
+
 def fake_method(name: str, *, language: bool = True, language_key: str = "", task_key: str = "",
                 uses_target_language: bool = True, fail_on: str | None = None, sleep: float = 0.0,
                 selected_step: int | None = None):
@@ -37,7 +52,7 @@ def fake_method(name: str, *, language: bool = True, language_key: str = "", tas
     def train_language(ctx, data, seed, out):
         CALLS["language", language_key or name, data.code, seed] += 1
         out.mkdir(parents=True)  # before the work: a kill leaves a partial module behind
-        time.sleep(sleep)
+        log_training(f"language {language_key or name} {data.code} {seed}", sleep)
         (out / "language.json").write_text(json.dumps({"code": data.code, "seed": seed,
                                                        "texts": [str(p) for p in data.texts],
                                                        "exclude": [str(p) for p in data.exclude]}))
@@ -46,7 +61,7 @@ def fake_method(name: str, *, language: bool = True, language_key: str = "", tas
     def train_task(ctx, data, source_dir, seed, out):
         CALLS["task", task_key or name, data.task, seed] += 1
         out.mkdir(parents=True)
-        time.sleep(sleep)
+        log_training(f"task {task_key or name} {data.task} {seed}", sleep)
         labels = UPOS  # reading the 4,000 training sentences would take seconds
         (out / "labels.json").write_text(json.dumps(labels))
         (out / "source.txt").write_text(str(source_dir))

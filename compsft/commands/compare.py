@@ -26,6 +26,13 @@ class DeviceName(str, Enum):
     cuda = "cuda"
 
 
+class ExecutorName(str, Enum):
+    local = "local"
+    slurm = "slurm"
+    submitit_local = "submitit-local"
+    submitit_debug = "submitit-debug"
+
+
 # Options `compare` and `demo` share.
 Task = Annotated[str, typer.Option("--task", help="pos, dep or ner.")]
 ModelDir = Annotated[Optional[Path], typer.Option("--model", help="Model directory (default: the prepared default "
@@ -43,6 +50,7 @@ class RichReporter:
         self.progress = progress
         self.grid = None
         self.steps = None
+        self.workers: dict[int, object] = {}
 
     def grid_start(self, total: int, done: int) -> None:
         self.grid = self.progress.add_task("grid (cells)", total=max(total, 1), completed=done, summary="")
@@ -71,6 +79,20 @@ class RichReporter:
         if self.steps is not None:
             self.progress.remove_task(self.steps)
             self.steps = None
+        for task in self.workers.values():
+            self.progress.remove_task(task)
+        self.workers.clear()
+
+    def worker_start(self, worker: int, description: str, total: int) -> None:
+        """A line per worker (`--workers`): the module or evaluation in flight there."""
+        if worker in self.workers:
+            self.progress.remove_task(self.workers.pop(worker))
+        self.workers[worker] = self.progress.add_task(f"  [{worker + 1}] {description}", total=max(total, 1),
+                                                      summary="")
+
+    def worker_advance(self, worker: int, n: int = 1) -> None:
+        if worker in self.workers:
+            self.progress.advance(self.workers[worker], n)
 
 
 @contextlib.contextmanager
@@ -147,6 +169,8 @@ def print_results(results: dict, out: Path, title: str) -> None:
         + (f"; [red]{len(results['failed'])} failed cell(s)[/red] (see results.md)" if results["failed"] else "")
         + (f"; [yellow]unfinished grid: {len(results['cells'])} of {results['cells_total']} cells[/yellow] "
            "(--resume continues it)" if results.get("cells_total", 0) > len(results["cells"]) else "")
+        + (f"; [yellow]{len(results['lost'])} module(s) or cell(s) lost with their worker[/yellow] "
+           f"({'; '.join(results['lost'])[:300]})" if results.get("lost") else "")
         + f"\nwrote {out / 'results.md'}, results.json, results.csv, plot.png")
 
 
@@ -170,6 +194,15 @@ def print_methods(names: list[str], model: Optional[Path], budget: str, task: st
                       info["description"] + (f" [red]({info['parameter_counts_error']})[/red]"
                                              if "parameter_counts_error" in info else ""))
     Console().print(table)
+
+
+def _key_value(text: str, option: str) -> tuple[str, str]:
+    from compsft.errors import CompsftError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise CompsftError(f"{option} {text!r}: expected KEY=VALUE")
+    return key.strip().replace("-", "_"), value.strip()
 
 
 def _split(values: List[str]) -> list[str]:
@@ -212,6 +245,38 @@ def register(app: typer.Typer) -> None:
         list_methods_: Annotated[bool, typer.Option("--list-methods", help="List the methods with their "
                                                     "composition, trainable parameters and stored bytes for "
                                                     "--model, and exit.")] = False,
+        workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes on this machine "
+                                             "(modules and cells in parallel; with --device cuda one GPU each). "
+                                             "With --executor slurm: jobs in flight at most (default: all "
+                                             "that are ready).", rich_help_panel="Parallel")] = 1,
+        threads_per_worker: Annotated[Optional[int], typer.Option(
+            "--threads-per-worker", min=1, help="Torch threads per worker (default: CPU cores / workers); "
+            "give the same number to compare timings or scores with a sequential run.",
+            rich_help_panel="Parallel")] = None,
+        executor: Annotated[ExecutorName, typer.Option(
+            "--executor", help="local (processes here), slurm (a job per module and cell, through submitit; "
+            "the slurm extra: pip install 'compsft\\[slurm]'); submitit-local / submitit-debug: the slurm path run here.",
+            rich_help_panel="Parallel")] = ExecutorName.local,
+        worker_setup: Annotated[Optional[str], typer.Option(
+            "--worker-setup", help="MODULE:FUNCTION called in each worker before its first node (to register "
+            "your own methods there).", rich_help_panel="Parallel")] = None,
+        slurm_partition: Annotated[Optional[str], typer.Option("--slurm-partition",
+                                                               rich_help_panel="SLURM")] = None,
+        slurm_time: Annotated[int, typer.Option("--slurm-time", min=1, help="Minutes per job.",
+                                                rich_help_panel="SLURM")] = 24 * 60,
+        slurm_gpus: Annotated[Optional[int], typer.Option("--slurm-gpus", min=0, help="GPUs per job.",
+                                                          rich_help_panel="SLURM")] = None,
+        slurm_mem: Annotated[Optional[float], typer.Option("--slurm-mem", min=0, help="Memory per job (GB).",
+                                                           rich_help_panel="SLURM")] = None,
+        slurm_cpus: Annotated[Optional[int], typer.Option("--slurm-cpus", min=1, help="CPUs per job (also the "
+                                                          "torch threads unless --threads-per-worker).",
+                                                          rich_help_panel="SLURM")] = None,
+        slurm_folder: Annotated[Optional[Path], typer.Option(
+            "--slurm-folder", help="submitit's folder: job scripts, logs (default OUT/slurm; on a filesystem "
+            "the nodes share, like --out).", rich_help_panel="SLURM")] = None,
+        slurm_extra: Annotated[List[str], typer.Option(
+            "--slurm-extra", help="Any other sbatch option, KEY=VALUE, repeatable (account=..., qos=...).",
+            rich_help_panel="SLURM")] = [],
     ) -> None:
         """Compare methods on the same data with equal budgets over several seeds: one table, one plot.
 
@@ -235,6 +300,12 @@ def register(app: typer.Typer) -> None:
                                report_only=report_only, device=device.value if device else None, source=source,
                                module_cache=str(module_cache) if module_cache else None,
                                targets_file=str(targets_file) if targets_file else None)
+        from compsft.compare.executors import build_executor
+
+        extra = dict(_key_value(e, "--slurm-extra") for e in slurm_extra)
+        runner = build_executor(executor.value, workers, threads_per_worker, worker_setup, out, dict(
+            partition=slurm_partition, time_min=slurm_time, gpus=slurm_gpus, mem_gb=slurm_mem, cpus=slurm_cpus,
+            extra=extra, folder=slurm_folder, max_jobs=workers if workers > 1 else None))
         with rich_progress() as reporter:
-            results = compare(config, reporter)
+            results = compare(config, reporter, runner)
         print_results(results, out, f"compsft compare: {task}")

@@ -39,7 +39,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, executor=No
     started = time.perf_counter()
     reporter = reporter or TqdmReporter()
     grid = resolve(config)
-    device = _device(config.device)
+    # SLURM jobs run elsewhere: their GPUs are not this machine's (the login node's) to check.
+    device = _device(config.device, check_here=not getattr(executor, "remote", False))
     grid.out.mkdir(parents=True, exist_ok=True)
     extended = check_grid_file(grid, config.resume or config.report_only, must_exist=config.report_only,
                                extend=config.resume and not config.report_only)
@@ -92,9 +93,11 @@ def method_table(names, model_dir: Path, budget, task: str, device: str = "cpu")
     return table
 
 
-def _device(device: str | None) -> str:
+def _device(device: str | None, check_here: bool = True) -> str:
     import torch
 
+    if not check_here and device in (None, "cpu", "cuda"):
+        return device or "cpu"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         # The Trainer places the model itself; pick a GPU with CUDA_VISIBLE_DEVICES instead.

@@ -54,8 +54,12 @@ def execute_node(runner, node, failed: dict[str, tuple[str, str]]) -> dict[str, 
 _WORKER: dict[str, Any] = {}
 
 
-def _setup_process(threads: int | None, setup: str | None, gpu: str | None = None) -> None:
+def _setup_process(threads: int | None, setup: str | None, gpu: str | None = None,
+                   digests: dict | None = None) -> None:
     """Once per worker process, before its first node."""
+    from .grid import text_digests
+
+    text_digests(digests)  # the driver's module keys: not recomputed from the texts in every worker
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is initialised: the worker sees its GPU only
     if threads:
@@ -84,9 +88,10 @@ def _runner(grid: Grid, device: str, reporter):
     return runner
 
 
-def _worker_init(worker: int, threads: int | None, setup: str | None, gpu: str | None, events) -> None:
+def _worker_init(worker: int, threads: int | None, setup: str | None, gpu: str | None, events,
+                 digests: dict) -> None:
     _WORKER.update(worker=worker, events=events)
-    _setup_process(threads, setup, gpu)
+    _setup_process(threads, setup, gpu, digests)
 
 
 def run_worker_node(grid: Grid, device: str, node, failed: dict) -> dict[str, Any]:
@@ -96,12 +101,12 @@ def run_worker_node(grid: Grid, device: str, node, failed: dict) -> dict[str, An
 
 
 def run_job_node(grid: Grid, device: str, node, failed: dict, threads: int | None,
-                 setup: str | None) -> dict[str, Any]:
+                 setup: str | None, digests: dict | None = None) -> dict[str, Any]:
     """A node as a submitit job (a fresh process, or a reused one with the debug executor)."""
     from .progress import NullReporter
 
     if not _WORKER.get("job_setup"):
-        _setup_process(threads, setup)
+        _setup_process(threads, setup, digests=digests)
         _WORKER["job_setup"] = True
     return execute_node(_runner(grid, device, NullReporter()), node, failed)
 
@@ -222,10 +227,12 @@ class LocalWorkers:
         self._events = self._ctx.Queue()
 
     def _pool(self, slot: int) -> cf.ProcessPoolExecutor:
+        from .grid import text_digests
+
         if self._pools[slot] is None:
             self._pools[slot] = cf.ProcessPoolExecutor(
                 1, mp_context=self._ctx, initializer=_worker_init,
-                initargs=(slot, self.threads, self.setup, self.gpus[slot], self._events))
+                initargs=(slot, self.threads, self.setup, self.gpus[slot], self._events, text_digests()))
         return self._pools[slot]
 
     def submit(self, node, failed: dict):
@@ -267,6 +274,10 @@ class LocalWorkers:
         for p in workers:
             with contextlib.suppress(OSError):
                 os.kill(p.pid, signal.SIGINT)
+        for i, pool in enumerate(self._pools):  # a worker back from its interrupted node then exits
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pools[i] = None
         deadline = time.monotonic() + 15
         for p in workers:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -279,3 +290,26 @@ class LocalWorkers:
                 pool.shutdown(wait=True, cancel_futures=True)
                 self._pools[i] = None
 
+
+
+EXECUTORS = ("local", "slurm", "submitit-local", "submitit-debug")
+
+
+def build_executor(kind: str = "local", workers: int = 1, threads: int | None = None, setup: str | None = None,
+                   out: str | Path = "runs/cmp", slurm: dict[str, Any] | None = None):
+    """The executor `compsft compare` options ask for: `local` with one worker is the serial run (this
+    process); `slurm` submits through submitit (`submitit-local`/`submitit-debug`: its stand-ins, here).
+    `slurm` holds SubmititExecutor's options (partition, time_min, gpus, mem_gb, cpus, max_jobs, extra,
+    folder)."""
+    if kind == "local":
+        if workers < 1:
+            raise CompsftError(f"--workers {workers}: give at least one worker")
+        return SerialExecutor(threads) if workers == 1 else LocalWorkers(workers, threads, setup)
+    if kind not in EXECUTORS:
+        raise CompsftError(f"--executor {kind}: use one of {', '.join(EXECUTORS)}")
+    from .slurm import SubmititExecutor
+
+    options = dict(slurm or {})
+    folder = options.pop("folder", None) or Path(out) / "slurm"
+    cluster = kind.removeprefix("submitit-")
+    return SubmititExecutor(cluster, folder, threads=threads, setup=setup, **options)

@@ -142,15 +142,29 @@ def file_digest(path: str | Path) -> str:
     return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=64)
+#: (texts, evaluation files, each with its bytes' SHA-256) -> the SHA-256 of the cleaned lines: a few seconds
+#: each to compute, so the driver of a parallel grid hands its own to the workers (`text_digests`)
+_CLEANED: dict[tuple, str] = {}
+
+
 def _cleaned_text_sha256(texts: tuple[tuple[str, str], ...], exclude: tuple[tuple[str, str], ...]) -> str:
     from compsft.languages import load_mlm_corpus
 
-    corpus = load_mlm_corpus([path for path, _ in texts], exclude=[path for path, _ in exclude])
-    sha = hashlib.sha256()
-    for line in corpus.lines:
-        sha.update(line.encode("utf-8") + b"\n")
-    return sha.hexdigest()
+    if (texts, exclude) not in _CLEANED:
+        corpus = load_mlm_corpus([path for path, _ in texts], exclude=[path for path, _ in exclude])
+        sha = hashlib.sha256()
+        for line in corpus.lines:
+            sha.update(line.encode("utf-8") + b"\n")
+        _CLEANED[texts, exclude] = sha.hexdigest()
+    return _CLEANED[texts, exclude]
+
+
+def text_digests(known: dict[tuple, str] | None = None) -> dict[tuple, str]:
+    """The cleaned-text digests computed in this process, after adding `known` (another process's). Their
+    keys hold the files' bytes' digests, so an edited file is never matched by an old entry."""
+    if known:
+        _CLEANED.update(known)
+    return dict(_CLEANED)
 
 
 def cleaned_text_digest(texts: list[str] | tuple[str, ...], exclude: list[str] | tuple[str, ...]) -> str:

@@ -19,6 +19,10 @@ class Reporter(Protocol):
     def steps_advance(self, n: int = 1) -> None: ...
     def cell_end(self, name: str, summary: str) -> None: ...
     def grid_end(self) -> None: ...
+    # With local workers, each worker's work in flight (`worker` counts from 0); optional: a reporter
+    # without these shows every worker's steps on the one line of `steps_*`.
+    def worker_start(self, worker: int, description: str, total: int) -> None: ...
+    def worker_advance(self, worker: int, n: int = 1) -> None: ...
 
 
 class NullReporter:
@@ -30,6 +34,8 @@ class NullReporter:
     def steps_advance(self, n: int = 1) -> None: ...
     def cell_end(self, name: str, summary: str) -> None: ...
     def grid_end(self) -> None: ...
+    def worker_start(self, worker: int, description: str, total: int) -> None: ...
+    def worker_advance(self, worker: int, n: int = 1) -> None: ...
 
 
 class TqdmReporter:
@@ -38,6 +44,7 @@ class TqdmReporter:
     def __init__(self) -> None:
         self._grid: Any = None
         self._steps: Any = None
+        self._workers: dict[int, Any] = {}
 
     def grid_start(self, total: int, done: int) -> None:
         from tqdm.auto import tqdm
@@ -66,6 +73,9 @@ class TqdmReporter:
 
     def grid_end(self) -> None:
         self._close_steps()
+        for bar in self._workers.values():
+            bar.close()
+        self._workers.clear()
         if self._grid is not None:
             self._grid.close()
             self._grid = None
@@ -74,6 +84,18 @@ class TqdmReporter:
         if self._steps is not None:
             self._steps.close()
             self._steps = None
+
+    def worker_start(self, worker: int, description: str, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if worker in self._workers:
+            self._workers.pop(worker).close()
+        self._workers[worker] = tqdm(total=max(total, 1), desc=f"[worker {worker + 1}] {description}",
+                                     position=1 + worker, leave=False)
+
+    def worker_advance(self, worker: int, n: int = 1) -> None:
+        if worker in self._workers:
+            self._workers[worker].update(n)
 
 
 class LineReporter:
@@ -87,6 +109,7 @@ class LineReporter:
         self.total = self.done = 0
         self.steps_total = self.steps_done = 0
         self.description = ""
+        self.workers: dict[int, list] = {}  # worker -> [description, total, done]
 
     def _line(self, text: str) -> None:
         import time
@@ -113,6 +136,19 @@ class LineReporter:
     def cell_end(self, name: str, summary: str) -> None:
         self.done += 1
         self._line(f"cell {self.done}/{self.total} done: {name}: {summary}")
+
+    def worker_start(self, worker: int, description: str, total: int) -> None:
+        self.workers[worker] = [description, max(total, 1), 0]
+        self._line(f"  [worker {worker + 1}] {description}: {max(total, 1)} steps")
+
+    def worker_advance(self, worker: int, n: int = 1) -> None:
+        if worker not in self.workers:
+            return
+        entry = self.workers[worker]
+        before = entry[2] * 10 // entry[1]
+        entry[2] += n
+        if entry[2] * 10 // entry[1] > before and entry[2] < entry[1]:
+            self._line(f"  [worker {worker + 1}] {entry[0]}: {entry[2]}/{entry[1]}")
 
     def grid_end(self) -> None:
         self._line("grid: finished")

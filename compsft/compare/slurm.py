@@ -34,6 +34,7 @@ class SubmititExecutor:
         if cluster not in CLUSTERS:
             raise CompsftError(f"submitit cluster {cluster!r}: use one of {', '.join(CLUSTERS)}")
         self.cluster, self.folder = cluster, Path(folder)
+        self.remote = cluster == "slurm"  # the jobs' devices are not this machine's
         self.slots = max_jobs
         self.threads = threads or cpus
         self.setup = setup
@@ -68,8 +69,10 @@ class SubmititExecutor:
         self._ex = self.executor()
 
     def submit(self, node, failed: dict):
+        from .grid import text_digests
+
         job = self._ex.submit(self._fn, self.grid, self.device, node, {str(k): v for k, v in failed.items()},
-                              self.threads, self.setup)
+                              self.threads, self.setup, text_digests())
         self._jobs[job] = node
         return job
 
