@@ -112,3 +112,45 @@ def test_revert_that_is_not_exact_fails_the_core_check(tmp_path, monkeypatch):
     monkeypatch.setattr(compsft, "revert", subtracting_revert)
     result = gpu_check.core("cpu", True, tmp_path)
     assert not result["ok"] and not result["fp32"]["revert_bit_exact"]
+
+
+# -- experiments/paper_budget.sh ------------------------------------------------------------------------
+
+def _paper_budget(*args, timeout=600):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(ROOT / "experiments" / "paper_budget.sh"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_paper_budget_quick_writes_its_results_page_and_resumes(tmp_path):
+    """The science run's script, at the quick budget on a tiny model: the grid of the four methods on wol and mlt,
+    its results page, and a --resume that trains nothing again (about 45 s of one core: two runs of the CLI)."""
+    model = make_model_dir(tmp_path / "model")
+    out, page = tmp_path / "grid", tmp_path / "paper-budget.md"
+    args = ["--quick", "--model", model, "--out", out, "--results", page, "--device", "cpu"]
+    run = _paper_budget(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["budget"]["name"] == "quick" and results["settings"]["seeds"] == [42]
+    assert [c["status"] for c in results["cells"]] == ["ok"] * 8, results["failed"]
+    text = page.read_text()
+    assert text.startswith("# LT-SFT at the paper's budget") and "budget `quick`" in text
+    for method in ("lt-sft", "task-sft-only", "task-sft-no-source", "full-ft"):
+        assert f"| {method} |" in text
+    again = _paper_budget(*args, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "8 already done" in again.stdout + again.stderr
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [line for line in page.read_text().splitlines() if line.startswith("| ")] == rows  # the same tables
+
+
+def test_paper_budget_refuses_what_it_does_not_know(tmp_path):
+    bad = _paper_budget("--bogus")
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    missing = _paper_budget("--model", tmp_path / "nope")
+    assert missing.returncode == 2 and "no such directory" in missing.stderr
