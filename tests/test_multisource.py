@@ -72,7 +72,7 @@ def marks_on(weight):
 
 
 class StoredClean(TrainerCallback):
-    """After every step the stored weights hold no source mark (nothing left applied in storage)."""
+    """After every step the weights hold no source mark (nothing left applied after its batch)."""
 
     def __init__(self, tuner):
         self.tuner, self.bad = tuner, []
@@ -100,7 +100,7 @@ def make_tuner(tmp_path, sfts, sizes=(24, 16, 8), upsample=(1, 1, 2), order="ran
                                 shift=shift, source_names=names, batch_sampler=sampler, sft_args=sft_args, mlm=False)
 
 
-def test_each_batch_sees_exactly_its_own_source_sft_and_storage_never_holds_one(tmp_path):
+def test_each_batch_sees_exactly_its_own_source_sft_and_none_is_left_applied(tmp_path):
     tuner = make_tuner(tmp_path, {"a": source_sft("a"), "b": source_sft("b"), "c": None})
     seen = []
 
@@ -131,6 +131,22 @@ def test_theta_after_training_is_theta0_plus_task_sft_bit_for_bit(tmp_path):
     for name, p in fresh.named_parameters():
         assert torch.equal(p, trained[name]), name
     assert not any(".parametrizations." in n for n in trained)
+
+
+def test_the_task_update_under_a_source_sft_survives(tmp_path):
+    """A source SFT of zeros changes nothing: the run equals one whose source has no SFT, bit for bit.
+    A revert after the optimizer step (restoring the values gathered at apply time) would wipe the
+    task's updates at the SFT's positions and differ."""
+    zeros = {"a": source_sft("a", values=torch.zeros(4)), "b": source_sft("b", values=torch.zeros(4)), "c": None}
+    runs = []
+    for sfts in (zeros, {"a": None, "b": None, "c": None}):
+        tuner = make_tuner(tmp_path / str(len(runs)), sfts, p1=8, p2=6)
+        tuner.train()
+        runs.append(tuner.sft)
+    assert runs[0].diffs.keys() == runs[1].diffs.keys()
+    for n in runs[0].diffs:
+        assert torch.equal(runs[0].diffs[n].indices, runs[1].diffs[n].indices), n
+        assert torch.equal(runs[0].diffs[n].values, runs[1].diffs[n].values), n
 
 
 def test_shift_is_exact_over_many_source_changes():

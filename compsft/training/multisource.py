@@ -1,29 +1,30 @@
 """Multi-source task training: every batch from one source language, under that source's language SFT.
 
 The reference implementation (`MultiSourcePlugin`) adds a source's SFT into the weights when the
-batch's source changes and subtracts it again afterwards. Training moves the weights in between, at
-the source SFT's positions too, so that revert either drifts (subtracting rounds) or, if it restored
-the values gathered at apply time, wipes the task's update there. compsft never writes a source SFT
-into the weights at all:
+batch's source changes and subtracts it again afterwards. Subtracting rounds, so thousands of
+apply/revert pairs drift; and once the optimizer has moved the weights under an applied SFT, a revert
+that restored the values gathered at apply time would wipe the task's update there. compsft keeps
+the task's trained difference and the source SFT apart in time:
 
-**The source SFT lives in the forward only.** For the length of one `training_step` (forward and
-backward) each tensor φ_S touches is replaced, in its owning module, by ``stored + scatter(φ_S)``
-(`SourceShift.applied`): a new tensor computed from the stored parameter, so the gradient flows to
-the stored parameter unchanged (d(θ + φ)/dθ = 1) and the optimizer updates only the stored tensor.
-The stored parameter is put back before the optimizer step. The stored weights therefore hold
-θ0 + Δ_task at every moment, bit for bit, whatever the number of source changes:
+**A source SFT is applied for the forward and backward of its batch only, never across an optimizer
+step** (`SourceShift.applied`, entered and left inside `MultiSourceFineTuner.training_step`). Entering
+gathers the stored values at φ_S's positions and writes ``stored + φ_S`` there (added in fp32, one
+rounding, as `compsft.apply` does); the forward and backward run on θ + φ_S, so the gradient is the
+one the source's batch asks for; leaving writes the gathered values back, bit for bit, *before* the
+Trainer's optimizer step. The optimizer and the weight decay therefore only ever see θ0 + Δ_task:
 
 * phase 1 (dense): the stored tensors are the trained ones; θ1 − θ0 is the task's update alone, with
-  no φ_S in it to wipe or to drift; the L1 pull acts on it (`_named` hands back the stored tensors);
-* phase 2 (sparse): a masked tensor is θ0 + scatter(values) (`compsft.training.sparse`); the shift is
-  applied to its frozen θ0 (``parametrizations.<name>.original``), the values stay apart;
+  no φ_S in it to wipe or to drift (the L1 pull is measured against θ0 + φ_S while φ_S is in);
+* phase 2 (sparse): a masked tensor is θ0 + scatter(values) (`compsft.training.sparse`); φ_S goes into
+  its frozen θ0 (``parametrizations.<name>.original``), the trained values stay apart;
 * checkpoints, dev checks and the result never see a source SFT (dev scoring applies each source's
   SFT for its own dev set the same way), so after training the model is θ0 + φ_task exactly.
 
-The cost is one out-of-place ``index_add`` per touched tensor per step (a copy of those weights);
-`bench/multisource_swap.py` measures it against the step time. The source's index and value
-tensors are moved to the device once per source and kept (`SourceShift.changes` counts the
-changes of source).
+Per step this costs a gather and two scatters of the source's K entries, not a copy of the weights;
+`bench/multisource_swap.py` measures it against the step time. A source's index and value tensors
+are moved to the device once (when that source first comes) and kept; `SourceShift.changes` counts
+the changes of source. Keeping φ_S in the weights over several steps of the same source would save
+those K-entry writes but puts φ_S under the optimizer: exactly the trap above.
 
 Batches: `MultiSourceBatchSampler` cuts each source's (upsampled) examples into batches of one
 source, then orders the batches sequentially (source by source) or at random; the order is a
@@ -228,7 +229,7 @@ class SourceShift:
 
     def __init__(self, sfts: Mapping[str, SparseFineTuning | None]) -> None:
         self.sfts = dict(sfts)
-        self.real: dict[str, torch.Tensor] = {}   # model names of the tensors replaced right now
+        self.current: dict[int, tuple] = {}      # id(stored tensor) -> (indices, values) while applied
         self.active: str | None = None            # the source whose tensors are on the device
         self.changes = 0
         self._device_cache: dict[tuple, list] = {}
@@ -243,25 +244,27 @@ class SourceShift:
                 revert(model, apply(model, sft, with_dense=False))
 
     def _tensors(self, model, source: str) -> list:
-        """[(module, key, model name, indices, values)] of `source` on the model's device and dtype."""
+        """[(stored tensor, indices, values)] of `source`, on the model's device (values in ≥ fp32)."""
         entries = []
         for name, delta in self.sfts[source].diffs.items():
             found = _owner(model, name)
             if found is None:
                 raise CompsftError(f"source {source}: tensor {name!r} of its SFT is not a parameter of the model")
-            module, key = found
-            stored = module._parameters[key]
+            stored = found[0]._parameters[found[1]]
+            if not stored.is_contiguous():
+                raise CompsftError(f"source {source}: the model's tensor {name!r} is not contiguous")
             cache_key = (source, name, stored.device, stored.dtype)
             if cache_key not in self._device_cache:
+                work = torch.promote_types(stored.dtype, torch.float32)
                 self._device_cache[cache_key] = [delta.indices.to(stored.device, torch.int64),
-                                                 delta.values.to(stored.device, stored.dtype)]
-            entries.append((module, key, name, *self._device_cache[cache_key]))
+                                                 delta.values.to(stored.device, work)]
+            entries.append((stored, *self._device_cache[cache_key]))
         return entries
 
     @contextlib.contextmanager
-    def applied(self, model: torch.nn.Module, source: str | None, *, grad: bool = True):
-        """Within the block, `model`'s forward sees θ + φ_source (nothing for a source without an SFT);
-        the stored tensors are back in place afterwards, untouched. `grad=False` for evaluation."""
+    def applied(self, model: torch.nn.Module, source: str | None):
+        """Within the block `model` holds θ + φ_source (nothing changes for a source without an SFT);
+        afterwards the stored values are back, bit for bit. Leave the block before any optimizer step."""
         if source is not None and source not in self.sfts:
             raise CompsftError(f"unknown source {source!r}; sources: {', '.join(self.sfts)}")
         if source != self.active:
@@ -270,21 +273,30 @@ class SourceShift:
         if source is None or self.sfts[source] is None:
             yield
             return
-        swapped = []
+        saved = []
         try:
-            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                for module, key, name, idx, vals in self._tensors(model, source):
-                    stored = module._parameters[key]
-                    shifted = stored.reshape(-1).index_add(0, idx, vals).view_as(stored)
-                    # Not a Parameter: nn.Module.__setattr__ would refuse it, so the dict entry is swapped.
-                    module._parameters[key] = shifted
-                    swapped.append((module, key, stored))
-                    self.real[name] = stored
+            with torch.no_grad():
+                for stored, idx, vals in self._tensors(model, source):
+                    flat = stored.data.view(-1)
+                    original = flat.index_select(0, idx)
+                    saved.append((flat, idx, original))
+                    flat.index_copy_(0, idx, (original.to(vals.dtype) + vals).to(flat.dtype))
+                    self.current[id(stored)] = (idx, vals)
             yield
         finally:
-            for module, key, stored in reversed(swapped):
-                module._parameters[key] = stored
-            self.real.clear()
+            with torch.no_grad():
+                for flat, idx, original in reversed(saved):
+                    flat.index_copy_(0, idx, original)
+            self.current.clear()
+
+    def reference(self, param: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+        """θ0 + φ at `param`'s applied positions (θ0 where nothing is applied): what `param` is compared
+        with while the source SFT is in, so that the L1 pull measures the task's difference alone."""
+        found = self.current.get(id(param))
+        if found is None:
+            return theta0
+        idx, vals = found
+        return theta0.reshape(-1).index_add(0, idx, vals.to(theta0.dtype)).view_as(theta0)
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -319,10 +331,15 @@ class MultiSourceFineTuner(SparseFineTuner):
         with self.shift.applied(self.model, name):
             return super().training_step(model, inputs, num_items_in_batch)
 
-    def _named(self, names) -> dict[str, torch.nn.Parameter]:
-        # Inside a step a shifted tensor stands in the module: the L1 pull and θ1 use the stored one.
-        named = super()._named(names)
-        return {n: self.shift.real.get(n, p) for n, p in named.items()}
+    def _l1_pairs(self):
+        # θ holds θ0 + Δ + φ_S during the step: the pull is on Δ, as with one source (whose θ0 has φ_S in).
+        if self._phase != 1 or not self.shift.current:
+            yield from super()._l1_pairs()
+            return
+        for n, p in self._named(self._eligible_names).items():
+            yield p, self.shift.reference(p, self._theta0[n])
+        for n, p in self._named(self._head_names).items():
+            yield p, self._heads0[n]
 
 
 def mean_dev_scorer(shift: SourceShift, scorers: Mapping[str, object]):
@@ -331,7 +348,7 @@ def mean_dev_scorer(shift: SourceShift, scorers: Mapping[str, object]):
     def score(model) -> float:
         values = []
         for name, one in scorers.items():
-            with shift.applied(model, name, grad=False):
+            with shift.applied(model, name):
                 values.append(float(one(model)))
         return sum(values) / len(values)
 

@@ -169,7 +169,7 @@ def train_multisource_task_sft(
         # The model holds θ0 + φ_task; each dev set is scored with its own source SFT in the forward.
         scores = {}
         for name, rows in devs.items():
-            with shift.applied(task_model, name, grad=False), _eval_autocast(precision, task_model):
+            with shift.applied(task_model, name), _eval_autocast(precision, task_model):
                 scores[name], _ = spec.evaluate(task_model, tokenizer, spec.prepare_gold(rows, labels), labels,
                                                 max_length=max_length)
         mean = sum(float(m[metric]) for m in scores.values()) / len(scores)
