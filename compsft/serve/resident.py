@@ -5,9 +5,10 @@ module object, so the encoder's weights are in memory once and applying a langua
 three. Each task's head is built once for the task SFT's labels and head sizes; its trained values come
 from the task SFT's dense parameters, copied in by `apply` and restored by `revert`.
 
-Between pairs the weights are θ0, bit for bit: `apply` keeps the original values of every entry it
-touches and `revert` writes them back (`compsft.merge`); an SFT that does not fit is refused before any
-weight changes, so a bad SFT never leaves the model half-applied.
+Between pairs the weights are θ0, bit for bit: each SFT is checked and prepared once with `compsft.apply`
+(which refuses an SFT that does not fit before any weight changes, so a bad SFT never leaves the model
+half-applied), keeping θ0 at its positions; a swap then writes the applied values in and θ0 back
+(`compsft.serve.swap`).
 
     resident = ResidentModel("models/e5")
     model, labels = resident.apply(lang_sft, task_sft)   # θ0 + φ_L + φ_T, the task head
@@ -27,6 +28,7 @@ from compsft import merge
 from compsft.errors import CompsftError
 from compsft.sft import SparseFineTuning
 
+from . import swap
 from .store import SftUnavailable
 
 logger = logging.getLogger(__name__)
@@ -49,9 +51,10 @@ class ResidentModel:
                                         "--tokenizer" if tokenizer_dir else "--model")
         self.vocab = vocab_fingerprint(self.tokenizer)
         self._heads: dict[str, tuple[tuple, torch.nn.Module]] = {}
-        # SFT objects whose base fingerprint was checked against θ0: later applies skip the check.
-        self._verified: "weakref.WeakSet[SparseFineTuning]" = weakref.WeakSet()
-        self._active: tuple[torch.nn.Module, merge.AppliedSft] | None = None
+        # SFT objects checked against θ0 and prepared for swaps, by (additive, with_dense).
+        self._prepared: "weakref.WeakKeyDictionary[SparseFineTuning, dict]" = weakref.WeakKeyDictionary()
+        self._active: tuple | None = None
+        self._encoder_ids = {id(p) for p in self.encoder.parameters()}
 
     # -- heads ------------------------------------------------------------------------------------
     def task_model(self, task: str, task_sft: SparseFineTuning) -> tuple[torch.nn.Module, list[str]]:
@@ -108,28 +111,48 @@ class ResidentModel:
 
     # -- apply / revert ---------------------------------------------------------------------------
     def apply(self, task: str, lang_sft: SparseFineTuning, task_sft: SparseFineTuning) -> tuple[torch.nn.Module, list[str]]:
-        """θ0 + φ_L + φ_T on the encoder and the task SFT's head on the task model; (model, labels)."""
+        """θ0 + φ_L + φ_T on the encoder and the task SFT's head on the task model; (model, labels).
+
+        The first time an SFT is used it is checked (`compsft.apply`: shapes, base fingerprint, vocabulary)
+        and prepared for swaps (`compsft.serve.swap`); later swaps are plain scatters.
+        """
         if self._active is not None:
             raise RuntimeError("apply while a pair is applied: revert first")
         model, labels = self.task_model(task, task_sft)
-        check = lang_sft not in self._verified or task_sft not in self._verified
         try:
-            handle = merge.apply(model, lang_sft, task_sft, with_dense=[False, True], check_base=check,
-                                 vocab=self.vocab)
+            first = self._prepare(lang_sft, model, additive=False, with_dense=False)
+            second = self._prepare(task_sft, model, additive=True, with_dense=True)
+            if first is None or second is None:  # weights the fast path cannot reproduce exactly
+                handle = merge.apply(model, lang_sft, task_sft, with_dense=[False, True], vocab=self.vocab)
+                self._active = ("merge", model, handle)
+                return model, labels
         except CompsftError as err:
             raise SftUnavailable(str(err)) from None
-        self._verified.add(lang_sft)
-        self._verified.add(task_sft)
-        self._active = (model, handle)
+        swap.apply_pair(first, second)
+        self._active = ("swap", first, second)
         return model, labels
+
+    def _prepare(self, sft: SparseFineTuning, model: torch.nn.Module, *, additive: bool, with_dense: bool):
+        key = (additive, with_dense)
+        cached = self._prepared.get(sft, {}).get(key)
+        # Entries in the shared encoder serve every task model; a head lives in its own task model (rebuilt
+        # when the labels change).
+        if cached is not None and (cached.model is model or cached.touched <= self._encoder_ids):
+            return cached
+        prepared = swap.prepare(model, sft, additive=additive, with_dense=with_dense, vocab=self.vocab)
+        self._prepared.setdefault(sft, {})[key] = prepared
+        return prepared
 
     def revert(self) -> None:
         """Back to θ0 (a no-op when nothing is applied)."""
         if self._active is None:
             return
-        model, handle = self._active
+        how, a, b = self._active
         self._active = None
-        merge.revert(model, handle)
+        if how == "swap":
+            swap.revert_pair(a, b)
+        else:
+            merge.revert(a, b)
 
     @property
     def is_applied(self) -> bool:
