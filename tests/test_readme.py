@@ -234,5 +234,5 @@ def test_every_result_page_names_its_machine_and_commit():
     for page in pages:
         text = page.read_text(encoding="utf-8")
         assert "2-core CPU" in text and "torch 2.13.0" in text, page.name
-        assert re.search(r"commits? [0-9a-f]{7}", text), f"{page.name} names no commit"
+        assert re.search(r"commits?\s[0-9a-f]{7}", text), f"{page.name} names no commit"
         assert re.search(r"```bash\n\s*(compsft|python)", text) or "`compsft demo" in text, f"{page.name}: no command"
