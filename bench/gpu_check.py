@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes and the quick budget: a smoke run")
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
     ap.add_argument("--methods", default=None, help="comma-separated methods to train (default: all of compare)")
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated subset of bf16,fp32,fp16 to train in (default: bf16 for every method, and "
+                         "fp32 and on CUDA fp16 too for the methods of experiments/paper_budget.sh)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per phase (default 10; --quick 2)")
     ap.add_argument("--ddp", type=int, default=None,
                     help="processes for the torchrun check (default: the GPU count when > 1, else none)")
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         sections = [("core", core, device, args.quick, tmp),
                     ("apply", apply_speed, device, args.quick, tmp, None if args.quick else model_dir),
                     ("selection", selection, device, args.quick),
-                    ("training", train.training, device, args.quick, model_dir, args.methods, args.steps, tmp / "train")]
+                    ("training", train.training, device, args.quick, model_dir, args.methods, args.steps, tmp / "train",
+                     args.precisions)]
         if ddp > 1:
             sections.append(("ddp", train.ddp_check, device, ddp, model_dir, tmp / "ddp"))
         for name, fn, *fn_args in sections:

@@ -141,7 +141,8 @@ def precisions(method: str, cuda: bool) -> list[str]:
     return ["bf16", *extra]
 
 
-def training(device: str, quick: bool, model: Path, methods: str | None, steps: int | None, out: Path) -> dict:
+def training(device: str, quick: bool, model: Path, methods: str | None, steps: int | None, out: Path,
+             only: str | None = None) -> dict:
     """A few steps of every method (each precision of `precisions`), with steps/s and peak memory per module,
     then an assembly and a short evaluation on Wolof; and the paper budget's time from those steps/s."""
     from transformers import AutoTokenizer
@@ -164,7 +165,7 @@ def training(device: str, quick: bool, model: Path, methods: str | None, steps: 
     records, rows = [], []
     for name in names:
         spec = get_method(name)
-        for prec in precisions(name, cuda):
+        for prec in [p for p in precisions(name, cuda) if only is None or p in only.split(",")]:
             rec = {"method": name, "precision": prec}
             try:
                 timer = StepTimer(cuda)

@@ -51,10 +51,10 @@ if [[ -n "$MODEL" && ! -d "$MODEL" ]]; then
     exit 2
 fi
 
-CMD=("$PY" "$ROOT/cli.py" compare --task pos --targets "$TARGETS" --methods "$METHODS" --seeds "$SEEDS"
-     --budget "$BUDGET" --out "$OUT" ${MODEL:+--model "$MODEL"} ${DEVICE:+--device "$DEVICE"} "${RESUME[@]}")
-echo "paper_budget.sh: ${CMD[*]}" >&2
-"${CMD[@]}"
+COMPARE=(compare --task pos --targets "$TARGETS" --methods "$METHODS" --seeds "$SEEDS" --budget "$BUDGET"
+         --out "$OUT" ${MODEL:+--model "$MODEL"} ${DEVICE:+--device "$DEVICE"})
+echo "paper_budget.sh: $PY $ROOT/cli.py ${COMPARE[*]} ${RESUME[*]}" >&2
+"$PY" "$ROOT/cli.py" "${COMPARE[@]}" "${RESUME[@]}"
 
 # The results page: the grid's own table, headed by how it was made. Written to a temporary name and
 # renamed, so an interrupted write never leaves half a page.
@@ -72,8 +72,14 @@ TMP="$RESULTS.tmp.$$"
     echo "# LT-SFT at the paper's budget (POS, English -> wol, mlt)"
     echo
     echo "Made by \`experiments/paper_budget.sh ${ARGS[*]}\` (budget \`$BUDGET\`, $SEEDS seed(s), model"
-    echo "\`${MODEL:-the default model}\`, device \`$DEVICE_DESC\`, commit $COMMIT, $(date -u +%Y-%m-%d)). Every cell, the"
-    echo "plot and the modules are in \`$OUT\`; \`$OUT/results.json\` has the settings in full."
+    echo "\`${MODEL:-the default model}\`, device \`$DEVICE_DESC\`, commit $COMMIT, $(date -u +%Y-%m-%d)), which ran"
+    echo
+    echo '```bash'
+    echo "python cli.py ${COMPARE[*]}"
+    echo '```'
+    echo
+    echo "(\`--resume\` continues it). Every cell, the plot and the modules are in \`$OUT\`; \`$OUT/results.json\`"
+    echo "has the settings in full."
     echo
     cat "$OUT/results.md"
 } > "$TMP"
