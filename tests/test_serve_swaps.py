@@ -47,6 +47,8 @@ def test_theta0_is_bit_identical_after_a_thousand_swaps(setup):
         model = copy.deepcopy(resident.task_model(task, task_sft)[0])
         compsft.apply(model, lang_sft, task_sft, with_dense=[False, True])
         expected[(lang, task)] = _model_digest(model)
+        # Entries both SFTs touch (added onto the language's values, not onto θ0) must be covered too.
+        assert sum(compsft.compose(lang_sft, task_sft).overlap.values()) > 0
     assert len(set(expected.values())) == len(PAIRS)
     theta0 = state_digest(resident.parameters())
 
