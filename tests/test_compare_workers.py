@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from compsft.errors import CompsftError
-from test_compare_harness import HERE, TRAIN_LOG, config, fakes, model_dir, run, strip_times  # noqa: F401
+from test_compare_harness import TRAIN_LOG, config, fakes, model_dir, run, strip_times  # noqa: F401
 
 SETUP = "test_compare_workers:worker_setup"
 
@@ -55,15 +54,25 @@ def train_log(tmp_path, monkeypatch):
     return log
 
 
+GRID = dict(methods=["fake-a", "fake-c"], seeds=1)
+
+
+@pytest.fixture(scope="module")
+def sequential(model_dir, tmp_path_factory):
+    """The grid run in this process, one thread: what every parallel run must reproduce."""
+    from compsft.compare.executors import SerialExecutor
+    from test_compare_harness import register_fakes
+
+    register_fakes()
+    return compare_with(config(model_dir, tmp_path_factory.mktemp("seq") / "cmp", **GRID), SerialExecutor(threads=1))
+
+
 def test_two_workers_give_the_sequential_scores_and_train_each_module_once(model_dir, tmp_path, train_log,
-                                                                           monkeypatch):
-    from compsft.compare.executors import LocalWorkers, SerialExecutor
+                                                                           monkeypatch, sequential):
+    from compsft.compare.executors import LocalWorkers
 
     monkeypatch.setenv("COMPSFT_TEST_SLEEP", "0.5")
-    cfg = dict(methods=["fake-a", "fake-c"], seeds=1)
-    sequential = compare_with(config(model_dir, tmp_path / "seq", **cfg), SerialExecutor(threads=1))
-    train_log.unlink()
-    parallel = compare_with(config(model_dir, tmp_path / "par", **cfg), LocalWorkers(2, threads=1, setup=SETUP))
+    parallel = compare_with(config(model_dir, tmp_path / "par", **GRID), LocalWorkers(2, threads=1, setup=SETUP))
     assert [c["status"] for c in parallel["cells"]] == ["ok"] * 4
     same_scores(sequential, parallel)  # every cell's score, to the last digit; the modules recorded too
     assert parallel["execution"] == {"executor": "local", "workers": 2, "threads_per_worker": 1}
@@ -72,7 +81,7 @@ def test_two_workers_give_the_sequential_scores_and_train_each_module_once(model
     # eng, wol, mlt language modules, fake-a's and fake-c's task modules: each trained once, by two workers
     assert sorted(started) == sorted(set(started)) and len(started) == 5
     assert len({pid for _, _, pid, _ in rows} - {os.getpid()}) == 2
-    spans = {}
+    spans: dict = {}
     for what, module, _, t in rows:
         spans.setdefault(module, {})[what] = t
     overlapped = any(a["start"] < b["end"] and b["start"] < a["end"]
@@ -81,87 +90,95 @@ def test_two_workers_give_the_sequential_scores_and_train_each_module_once(model
     assert not list((tmp_path / "par" / "modules").glob("*/*/*/claim.json"))  # claims released
 
 
-def test_a_killed_worker_loses_its_module_only_and_resume_finishes(model_dir, tmp_path, train_log, monkeypatch):
+def _when_started(log: Path, prefix: str, action) -> threading.Thread:
+    """Call `action(pid)` (once) when a module whose name starts with `prefix` starts training."""
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for what, module, pid, _ in trainings(log):
+                if what == "start" and module.startswith(prefix):
+                    action(pid)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_worker_loses_its_module_only_and_resume_finishes(model_dir, tmp_path, train_log, monkeypatch,
+                                                                   sequential):
     from compsft.compare.executors import LocalWorkers, SerialExecutor
 
     monkeypatch.setenv("COMPSFT_TEST_SLEEP", "1.5")
     out = tmp_path / "cmp"
-    cfg = dict(methods=["fake-a"], seeds=1)
-    killed: list = []
-
-    def kill_the_first_target_module():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            for what, module, pid, _ in trainings(train_log):
-                if what == "start" and module.startswith("language/fake-a/wol"):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append((module, pid))
-                    return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_first_target_module)
-    killer.start()
-    first = compare_with(config(model_dir, out, **cfg), LocalWorkers(2, threads=1, setup=SETUP))
-    killer.join()
+    killed: list[int] = []
+    _when_started(train_log, "language/fake-a/wol", lambda pid: (os.kill(pid, signal.SIGKILL), killed.append(pid)))
+    first = compare_with(config(model_dir, out, **GRID), LocalWorkers(2, threads=1, setup=SETUP))
     assert killed, "the wol module never started"
     assert first["lost"] and "wol" in first["lost"][0]
     ended = {m for what, m, _, _ in trainings(train_log) if what == "end"}
     # the other modules finished in the other worker (and in a fresh one that took the dead worker's place)
-    assert {"language/fake-a/eng/42", "task/fake-a/pos/42", "language/fake-a/mlt/42"} <= ended
+    assert {"language/fake-a/eng/42", "task/fake-a/pos/42", "language/fake-a/mlt/42", "task/fake-c/pos/42"} <= ended
     assert "language/fake-a/wol/42" not in ended
-    statuses = {c["target"]: c["status"] for c in first["cells"]}
-    assert statuses == {"mlt": "ok"}  # the wol cell waits for --resume; mlt did not wait for wol
+    statuses = {(c["method"], c["target"]): c["status"] for c in first["cells"]}
+    # the fake-a → wol cell waits for --resume; the others did not wait for wol
+    assert statuses == {("fake-c", "wol"): "ok", ("fake-a", "mlt"): "ok", ("fake-c", "mlt"): "ok"}
     claim = next((out / "modules" / "language" / "fake-a").glob("wol-*/claim.json"))
-    assert json.loads(claim.read_text())["pid"] == killed[0][1]  # left by the dead worker: stale
+    assert json.loads(claim.read_text())["pid"] == killed[0]  # left by the dead worker: stale
 
     train_log.unlink()
-    resumed = compare_with(config(model_dir, out, resume=True, **cfg), LocalWorkers(2, threads=1, setup=SETUP))
+    monkeypatch.setenv("COMPSFT_TEST_SLEEP", "0")
+    resumed = compare_with(config(model_dir, out, resume=True, **GRID), SerialExecutor(threads=1))
     assert [m for what, m, _, _ in trainings(train_log) if what == "start"] == ["language/fake-a/wol/42"]
     assert "lost" not in resumed and not claim.exists()
-    monkeypatch.setenv("COMPSFT_TEST_SLEEP", "0")
-    whole = compare_with(config(model_dir, tmp_path / "whole", **cfg), SerialExecutor())
-    same_scores(resumed, whole)
+    same_scores(resumed, sequential)
 
 
-CHILD = """
-import sys, json
-sys.path.insert(0, {here!r})
-import test_compare_workers as w
-w.worker_setup()
-from compsft.compare import NullReporter, compare
-from compsft.compare.executors import LocalWorkers
-import test_compare_harness as t
-cfg = t.config(sys.argv[1], sys.argv[2], methods=["fake-a", "fake-c"], seeds=2)
-compare(cfg, NullReporter(), LocalWorkers(2, threads=1, setup=w.SETUP))
-"""
+def test_ctrl_c_stops_the_workers_and_writes_the_table_of_what_finished(model_dir, tmp_path, train_log,
+                                                                        monkeypatch):
+    """SIGINT to the driver only (as `kill -INT`; a terminal's Ctrl-C reaches the workers too): it must stop
+    its workers itself, and they release their claims on the way out."""
+    from compsft.compare.executors import LocalWorkers
 
-
-def test_ctrl_c_stops_the_workers_and_writes_the_table_of_what_finished(model_dir, tmp_path, train_log):
+    monkeypatch.setenv("COMPSFT_TEST_SLEEP", "0.5")
+    monkeypatch.setenv("COMPSFT_TEST_SLOW", "language/fake-a/mlt/42")  # a minute: interrupted, not waited for
     out = tmp_path / "cmp"
-    env = {**os.environ, "COMPSFT_TEST_SLEEP": "1.0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(here=str(HERE)), str(model_dir), str(out)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not list((out / "cells").glob("*/*/seed*.json")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no cell finished in time"
+
+    def interrupt_after_the_first_cell():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (list((out / "cells").glob("*/*/seed*.json")) and any(
+                m == "language/fake-a/mlt/42" for _, m, _, _ in trainings(train_log))):
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGINT)  # the driver only, as `kill -INT`: it must stop its workers itself
-        rc = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        stderr = proc.stderr.read().decode()
-        proc.stderr.close()
-    assert rc != 0 and "KeyboardInterrupt" in stderr
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_the_first_cell, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        compare_with(config(model_dir, out, **GRID), LocalWorkers(2, threads=1, setup=SETUP))
+    assert time.monotonic() - started < 60, "the driver waited for the slow module instead of interrupting it"
     results = json.loads((out / "results.json").read_text())
     done = list((out / "cells").glob("*/*/seed*.json"))
-    assert 1 <= len(results["cells"]) == len(done) < results["cells_total"] == 8
+    assert 1 <= len(results["cells"]) == len(done) < results["cells_total"] == 4
     workers = {pid for _, _, pid, _ in trainings(train_log)}
-    time.sleep(0.5)
     assert workers and not [pid for pid in workers if _alive(pid)], "a worker outlived the grid"
-    assert not list((out / "modules").glob("*/*/*/claim.json"))  # interrupted workers release their claims
+    left = [p.read_text() for p in (out / "modules").glob("*/*/*/claim.json")]
+    assert not left, (left, train_log.read_text())  # released, not left stale
+
+
+def test_the_graph_waits_for_what_each_node_uses_in_sequential_order(model_dir, tmp_path):
+    from compsft.compare import NullReporter, resolve
+    from compsft.compare.graph import build_graph
+    from compsft.compare.run import GridRunner
+
+    runner = GridRunner(resolve(config(model_dir, tmp_path / "cmp", **GRID)), NullReporter(), "cpu")
+    nodes = build_graph(runner)
+    names = [n.label.split(" (")[0] if n.kind == "module" else n.label for n in nodes]
+    # cells seeds outermost, then methods, then targets (GridRunner.cells); each cell's new modules before it
+    assert names == ["fake-a: language module eng", "fake-a: task module pos", "fake-a: language module wol",
+                     "fake-a → wol, seed 42", "fake-a: language module mlt", "fake-a → mlt, seed 42",
+                     "fake-c: task module pos", "fake-c → wol, seed 42", "fake-c → mlt, seed 42"]
+    assert [n.deps for n in nodes] == [(), (0,), (), (0, 1, 2), (), (0, 1, 4), (), (6,), (6,)]
 
 
 def _alive(pid: int) -> bool:
@@ -170,21 +187,17 @@ def _alive(pid: int) -> bool:
     return _pid_alive(pid)
 
 
-def test_submitit_local_runs_every_module_and_cell_as_a_job_with_the_same_scores(model_dir, tmp_path,
-                                                                                  monkeypatch):
+def test_submitit_runs_every_module_and_cell_as_a_job_with_the_same_scores(model_dir, tmp_path, sequential):
+    """submitit's debug executor: the SLURM path (jobs pickled to its folder, results read back) in this
+    process; `bench/grid_workers.py --submitit local` runs it as processes."""
     pytest.importorskip("submitit")
-    from compsft.compare.executors import SerialExecutor, build_executor
+    from compsft.compare.executors import build_executor
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cfg = dict(methods=["fake-c"], seeds=1, targets=["wol"])
-    executor = build_executor("submitit-local", threads=1, setup=SETUP, out=tmp_path / "job",
-                              slurm=dict(time_min=10))
-    jobs = compare_with(config(model_dir, tmp_path / "job", **cfg), executor)
-    sequential = compare_with(config(model_dir, tmp_path / "seq", **cfg), SerialExecutor(threads=1))
+    executor = build_executor("submitit-debug", threads=1, out=tmp_path / "job", slurm=dict(time_min=10))
+    jobs = compare_with(config(model_dir, tmp_path / "job", **GRID), executor)
     same_scores(jobs, sequential)
-    assert jobs["execution"]["executor"] == "submitit-local"
-    # one task module and one cell: two jobs, each with its result pickled back in submitit's folder
-    assert len(list((tmp_path / "job" / "slurm").glob("*_result.pkl"))) == 2
+    assert jobs["execution"]["executor"] == "submitit-debug"
+    assert executor.submitted == 9  # five modules and four cells, each one job
 
 
 # -- claims ---------------------------------------------------------------------------------------------------
@@ -252,3 +265,24 @@ def test_cuda_workers_get_one_gpu_each_or_a_clear_error(monkeypatch):
         LocalWorkers(2).start(runner)
     with pytest.raises(CompsftError, match="--workers 0"):
         build_executor("local", workers=0)
+
+
+def test_worker_progress_is_a_timestamped_line_per_worker_in_a_log():
+    import io
+    import re
+
+    from compsft.compare.executors import forward_event
+    from compsft.compare.progress import LineReporter
+
+    stream = io.StringIO()
+    reporter = LineReporter(stream)
+    forward_event(reporter, 0, "steps_start", ("lt-sft: language module wol (seed 42)", 10))
+    forward_event(reporter, 1, "steps_start", ("full-ft: task module pos (seed 42)", 4))
+    for _ in range(5):
+        forward_event(reporter, 0, "steps_advance", (1,))
+    forward_event(reporter, 1, "cell_end", ("ignored: the driver reports cells", "x"))
+    lines = stream.getvalue().splitlines()
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines) and len(lines) == 7
+    assert lines[0].endswith("[worker 1] lt-sft: language module wol (seed 42): 10 steps")
+    assert lines[1].endswith("[worker 2] full-ft: task module pos (seed 42): 4 steps")
+    assert lines[-1].endswith("[worker 1] lt-sft: language module wol (seed 42): 5/10")

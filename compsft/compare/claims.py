@@ -87,6 +87,7 @@ def claim_module(key_dir: Path, label: str = "", on_wait: Callable[[str], None] 
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
         except FileExistsError:
             reason = stale_reason(path)
             if reason is not None:
@@ -96,20 +97,20 @@ def claim_module(key_dir: Path, label: str = "", on_wait: Callable[[str], None] 
                 on_wait(describe(read_claim(path)))
             waited = True
             time.sleep(POLL_SECONDS)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        break
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(path, token, stop), daemon=True)
-    beat.start()
+    # From here on the claim is ours: an interrupt anywhere below (Ctrl-C reaches workers too) releases it.
     try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        beat.start()
         yield
     finally:
         stop.set()
-        beat.join()
+        if beat.is_alive():
+            beat.join()
         holder = read_claim(path)
-        if holder is not None and holder.get("token") == token:
+        if holder is None or holder.get("token") == token:  # ours, or interrupted before it was written
             path.unlink(missing_ok=True)
 
 

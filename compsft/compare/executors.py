@@ -124,10 +124,8 @@ class QueueReporter:
 
 
 def forward_event(reporter, worker: int, method: str, args: tuple) -> None:
-    """Show a worker's event: its cells on the grid's bar, its steps on the worker's own line."""
-    if method in ("cell_start", "cell_end"):
-        getattr(reporter, method)(*args)
-    elif method in ("steps_start", "steps_advance"):
+    """Show a worker's steps on the worker's own line (its cells the driver shows, as it starts and ends them)."""
+    if method in ("steps_start", "steps_advance"):
         own = getattr(reporter, "worker_" + method.split("_")[1], None)
         if own is not None:
             own(worker, *args)

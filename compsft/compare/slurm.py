@@ -43,6 +43,8 @@ class SubmititExecutor:
                                            "slurm_partition": partition,
                                            "slurm_additional_parameters": dict(extra) if extra else None}
         self._jobs: dict[Any, Any] = {}
+        #: jobs submitted in this run
+        self.submitted = 0
 
     def describe(self) -> dict[str, Any]:
         return {"executor": f"submitit-{self.cluster}", "folder": str(self.folder), "max_jobs": self.slots,
@@ -74,6 +76,7 @@ class SubmititExecutor:
         job = self._ex.submit(self._fn, self.grid, self.device, node, {str(k): v for k, v in failed.items()},
                               self.threads, self.setup, text_digests())
         self._jobs[job] = node
+        self.submitted += 1
         return job
 
     def wait(self, handles: list, timeout: float, reporter=None) -> list:
