@@ -186,7 +186,10 @@ def swap_vs_load(model_dir: Path, repeat: int, tmp: Path) -> None:
 
 def _rss_child(kind: str, model_dir: str, store: str) -> None:
     """Run in a fresh process: hold what `kind` says, then print its peak and current RSS as JSON."""
-    if kind == "resident":
+    held: list = []
+    if kind == "baseline":  # the interpreter with torch and transformers imported, holding nothing
+        import transformers  # noqa: F401
+    elif kind == "resident":
         from compsft.serve.store import SftStore
 
         resident = ResidentModel(model_dir)
@@ -200,7 +203,6 @@ def _rss_child(kind: str, model_dir: str, store: str) -> None:
     else:
         from compsft.tasks import get_task
 
-        held = []
         for task in TASKS:
             for language in LANGUAGES:
                 model = get_task(task).load_model(Path(store) / "merged" / f"{language}-{task}")[0]
@@ -225,15 +227,17 @@ def memory(model_dir: Path, tmp: Path) -> None:
             model.save_pretrained(store / "merged" / f"{language}-{task}")
             del model
     rows = {}
-    for kind in ("resident", "merged"):
+    for kind in ("baseline", "resident", "merged"):
         out = subprocess.run([sys.executable, __file__, "--rss-child", kind, str(model_dir), str(store)],
                              capture_output=True, text=True, check=True)
         rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    r, m = rows["resident"], rows["merged"]
+    b, r, m = rows["baseline"], rows["resident"], rows["merged"]
     print(f"memory (fresh processes, VmRSS after loading; peak in brackets):")
+    print(f"  python + torch + transformers, nothing loaded       {b['rss'] / 2**20:8.0f} MiB ({b['peak'] / 2**20:.0f})")
     print(f"  one base + 5 language SFTs + 3 task SFTs + 3 heads  {r['rss'] / 2**20:8.0f} MiB ({r['peak'] / 2**20:.0f})")
     print(f"  15 merged models (5 languages x 3 tasks)            {m['rss'] / 2**20:8.0f} MiB ({m['peak'] / 2**20:.0f})")
-    print(f"  ratio x{m['rss'] / r['rss']:.1f}", flush=True)
+    print(f"  ratio x{m['rss'] / r['rss']:.1f}; above the baseline x{(m['rss'] - b['rss']) / (r['rss'] - b['rss']):.1f}",
+          flush=True)
 
 
 def main() -> None:
