@@ -4,9 +4,9 @@ On the default model (a POS tagger on the trimmed multilingual-e5-small), with t
 SFTs of the paper's language K (random positions over the eligible tensors, word embeddings included),
 the batches alternate between them (a change of source at every step: the worst case). Prints
 
-* the shift alone: entering and leaving `SourceShift.applied` (building θ + φ_S for every touched
-  tensor and putting the stored tensors back), per step, in phase 1 (trained tensors) and phase 2
-  (frozen θ0 under the sparse values);
+* the shift alone: entering and leaving `SourceShift.applied` (gathering the stored values at φ_S's
+  K positions, writing θ + φ_S there, writing the gathered values back), per step, in phase 1
+  (trained tensors) and phase 2 (frozen θ0 under the sparse values);
 * the step time (forward, backward, AdamW step; batch 16 x 128 sub-words of UD English, the `cpu`
   budget's task batch) with the shift and with a source that has no SFT (the yardstick), interleaved
   step by step, and their ratio: the whole per-step cost of multi-source, backward included;
@@ -77,9 +77,8 @@ def main() -> None:
     collate = spec.collator(tokenizer)
     batch = collate([data[i] for i in range(a.batch)])
     batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    touched = sum(d.shape[0] * (d.shape[1] if len(d.shape) > 1 else 1) for d in sfts["a"].diffs.values())
     print(f"model {model_dir.name}: {n_eligible:,} eligible parameters; language K {k_lang:,} over "
-          f"{len(sfts['a'].diffs)} tensors ({touched:,} entries copied per shift); task K {k_task:,}; "
+          f"{len(sfts['a'].diffs)} tensors; task K {k_task:,}; "
           f"batch {a.batch} x {a.seq}; torch threads {torch.get_num_threads()}")
 
     def shift_only(n: int = 10) -> float:

@@ -175,6 +175,11 @@ def test_shift_is_exact_over_many_source_changes():
         opt.step(), ref_opt.step(), opt.zero_grad(), ref_opt.zero_grad()
     assert torch.equal(lin.weight, ref.weight)
     assert shift.changes > 100 and isinstance(lin._parameters["weight"], torch.nn.Parameter)
+    theta0 = torch.zeros(32, 16)
+    with shift.applied(lin, "a"):   # the L1 pull's reference while "a" is in: θ0 + φ_a
+        expected = theta0.reshape(-1).index_add(0, POSITIONS["a"], sfts["a"].diffs[name].values).view(32, 16)
+        assert torch.equal(shift.reference(lin.weight, theta0), expected)
+    assert shift.reference(lin.weight, theta0) is theta0
 
 
 def test_sampler_upsamples_orders_and_depends_on_seed_and_epoch_only():
