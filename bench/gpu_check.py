@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", default=None,
                     help="comma-separated subset of bf16,fp32,fp16 to train in (default: bf16 for every method, and "
                          "fp32 and on CUDA fp16 too for the methods of experiments/paper_budget.sh)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per phase (default 10; --quick 2)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per phase, at least 3 for NAS-PET's pruning rounds (default 10; --quick: the "
+                         "quick budget's 2 language and 3 task steps)")
     ap.add_argument("--ddp", type=int, default=None,
                     help="processes for the torchrun check (default: the GPU count when > 1, else none)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")

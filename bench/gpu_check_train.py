@@ -111,8 +111,8 @@ def measure_budget(quick: bool, steps: int | None):
     from compsft.compare.budgets import get_budget
 
     if quick:
-        n = steps or 2
-        return dataclasses.replace(get_budget("quick", "pos"), lang_steps=n, task_steps=n, dev_checks=0)
+        fixed = {} if steps is None else {"lang_steps": steps, "task_steps": steps}
+        return dataclasses.replace(get_budget("quick", "pos"), dev_checks=0, **fixed)
     n = steps or 10
     return dataclasses.replace(get_budget("paper", "pos"), lang_steps=n, lang_epochs=None, lang_max_steps=None,
                                lang_min_steps=0, lang_lines=3000, task_steps=n, task_epochs=None,
