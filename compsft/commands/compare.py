@@ -255,7 +255,8 @@ def register(app: typer.Typer) -> None:
             rich_help_panel="Parallel")] = None,
         executor: Annotated[ExecutorName, typer.Option(
             "--executor", help="local (processes here), slurm (a job per module and cell, through submitit; "
-            "the slurm extra: pip install 'compsft\\[slurm]'); submitit-local / submitit-debug: the slurm path run here.",
+            "the slurm extra: pip install 'compsft\\[slurm]'); submitit-local / submitit-debug: the slurm "
+            "path run here.",
             rich_help_panel="Parallel")] = ExecutorName.local,
         worker_setup: Annotated[Optional[str], typer.Option(
             "--worker-setup", help="MODULE:FUNCTION called in each worker before its first node (to register "

@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .grid import read_json
+
 logger = logging.getLogger(__name__)
 
 CLAIM_FILE = "claim.json"
@@ -30,14 +32,6 @@ HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
 #: how often a waiting process looks at a claim held by another
 POLL_SECONDS = 2.0
-
-
-def read_claim(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -61,7 +55,7 @@ def stale_reason(path: Path, now: float | None = None) -> str | None:
         age = (now or time.time()) - path.stat().st_mtime
     except FileNotFoundError:
         return None
-    holder = read_claim(path)
+    holder = read_json(path)
     if holder and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         return None if _pid_alive(holder["pid"]) else f"process {holder['pid']} is gone"
     if age > STALE_SECONDS:
@@ -94,7 +88,7 @@ def claim_module(key_dir: Path, label: str = "", on_wait: Callable[[str], None] 
                 _take_over(path, reason, label)
                 continue
             if not waited and on_wait is not None:
-                on_wait(describe(read_claim(path)))
+                on_wait(describe(read_json(path)))
             waited = True
             time.sleep(POLL_SECONDS)
     stop = threading.Event()
@@ -109,7 +103,7 @@ def claim_module(key_dir: Path, label: str = "", on_wait: Callable[[str], None] 
         stop.set()
         if beat.is_alive():
             beat.join()
-        holder = read_claim(path)
+        holder = read_json(path)
         if holder is None or holder.get("token") == token:  # ours, or interrupted before it was written
             path.unlink(missing_ok=True)
 
@@ -126,11 +120,11 @@ def _take_over(path: Path, reason: str, label: str) -> None:
         os.rename(path, aside)  # atomic: of two processes taking over, one renames it, the other finds none
     except FileNotFoundError:
         return
-    if stale_reason(aside) is None and read_claim(aside) is not None:
+    if stale_reason(aside) is None and read_json(aside) is not None:
         # We renamed a claim made after we judged the old one stale: put it back unless another was made.
         with contextlib.suppress(OSError):
             os.link(aside, path)
     else:
         logger.warning("%s: took over a stale claim (%s): %s", label or path.parent, reason,
-                       describe(read_claim(aside)))
+                       describe(read_json(aside)))
     aside.unlink(missing_ok=True)
