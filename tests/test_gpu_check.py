@@ -154,3 +154,23 @@ def test_paper_budget_refuses_what_it_does_not_know(tmp_path):
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
     missing = _paper_budget("--model", tmp_path / "nope")
     assert missing.returncode == 2 and "no such directory" in missing.stderr
+
+
+def test_compose_device_option_refuses_a_device_it_cannot_use(tmp_path):
+    from typer.testing import CliRunner
+
+    from compsft.cli import app
+    from compsft.errors import CompsftError
+
+    cb = gpu_check.bench_module("compose")
+    cb.SIZES.setdefault("tiny", gpu_check.TINY)
+    model = cb.random_model("tiny", "cpu")
+    model.save_pretrained(tmp_path / "base")
+    cb.random_sft(model, 500, seed=1).save(tmp_path / "sft")
+    args = ["compose", "--base", str(tmp_path / "base"), "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "m")]
+    bad = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        r = CliRunner().invoke(app, [*args, "--device", device])
+        assert isinstance(r.exception, CompsftError) and "--device" in str(r.exception), (device, r.output)
+    assert not (tmp_path / "m").exists()
+    assert CliRunner().invoke(app, [*args, "--device", "cpu"]).exit_code == 0 and (tmp_path / "m").is_dir()
