@@ -286,3 +286,30 @@ def test_worker_progress_is_a_timestamped_line_per_worker_in_a_log():
     assert lines[0].endswith("[worker 1] lt-sft: language module wol (seed 42): 10 steps")
     assert lines[1].endswith("[worker 2] full-ft: task module pos (seed 42): 4 steps")
     assert lines[-1].endswith("[worker 1] lt-sft: language module wol (seed 42): 5/10")
+
+
+def test_a_cell_of_a_module_that_failed_in_another_worker_fails_with_its_error_untrained(model_dir, tmp_path):
+    """What the driver hands a worker: the modules that failed elsewhere in this run. The cell fails with the
+    module's error and traceback, as in a sequential run, and the worker does not train the module again."""
+    from compsft.compare import NullReporter, resolve
+    from compsft.compare.executors import execute_node
+    from compsft.compare.graph import build_graph
+    from compsft.compare.run import GridRunner
+    from test_compare_harness import CALLS
+
+    grid = resolve(config(model_dir, tmp_path / "cmp", methods=["fake-a"], seeds=1, targets=["wol"]))
+    runner = GridRunner(grid, NullReporter(), "cpu")
+    nodes = build_graph(runner)
+    task = next(n for n in nodes if n.role == "task")
+    cell = next(n for n in nodes if n.kind == "cell")
+    for n in nodes[:-1]:
+        if n is not task and n.role != "task":
+            assert execute_node(runner, n, {})["status"] == "ok"
+    CALLS.clear()
+    fresh = GridRunner(grid, NullReporter(), "cpu")  # another worker's runner: knows only what it is handed
+    outcome = execute_node(fresh, cell, {task.key_dir: ("RuntimeError: no GPU memory", "Traceback: here")})
+    record = outcome["record"]
+    assert record["status"] == "failed" and "failed earlier in this run: RuntimeError: no GPU memory" in record["error"]
+    assert record["traceback"] == "Traceback: here"
+    assert not [k for k in CALLS if k[0] in ("language", "task")]  # nothing trained for it
+    assert (tmp_path / "cmp" / "cells" / "fake-a" / "wol" / "seed42.failed.json").is_file()
