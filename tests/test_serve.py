@@ -128,17 +128,18 @@ def test_unknown_language_names_what_the_store_offers(client):
 def test_limits(base, store):
     limits = Limits(max_body_bytes=400, max_sentences=2, max_words=5)
     with TestClient(create_app(Service(base, store, limits=limits, reload_interval=0))) as c:
-        big = c.post("/v1/predict", json={"task": "pos", "language": "wol", "text": "a " * 300})
-        assert big.status_code == 413 and big.json()["error_type"] == "too_large"
+        # One long word: within the sentence and word limits, over the byte limit only.
+        big = c.post("/v1/predict", json={"task": "pos", "language": "wol", "text": "a" * 600})
+        assert big.status_code == 413 and big.json()["error_type"] == "too_large" and "bytes" in big.json()["error"]
 
         def chunks():  # no Content-Length: counted while it streams in
             yield b'{"task": "pos", "language": "wol", "text": "'
             for _ in range(50):
-                yield b"a a a a a "
+                yield b"aaaaaaaaaa"
             yield b'"}'
 
         streamed = c.post("/v1/predict", content=chunks(), headers={"Content-Type": "application/json"})
-        assert streamed.status_code == 413
+        assert streamed.status_code == 413 and "bytes" in streamed.json()["error"]
         many = c.post("/v1/predict", json={"task": "pos", "language": "wol", "sentences": [["a"], ["b"], ["c"]]})
         assert many.status_code == 413 and "3 sentences" in many.json()["error"]
         long = c.post("/v1/predict", json={"task": "pos", "language": "wol", "sentences": [["a"] * 6]})
