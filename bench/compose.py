@@ -121,6 +121,21 @@ def run_case(model, size: str, density: float, tmp: Path) -> None:
           f"bytes/nz f32 {dir_bytes(d32) / sft.k:.2f} f16 {dir_bytes(d16) / sft.k:.2f}", flush=True)
 
 
+def yardstick(decoded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+    """Seconds of one `index_add_` of decoded entries (flat parameter, int64 indices, values), then
+    subtracted again untimed (back to θ0 approximately: for timings only)."""
+    gc.collect()
+    sync()
+    t0 = time.perf_counter()
+    for flat, idx, vals in decoded:
+        flat.index_add_(0, idx, vals)
+    sync()
+    seconds = time.perf_counter() - t0
+    for flat, idx, vals in decoded:
+        flat.index_add_(0, idx, vals, alpha=-1)
+    return seconds
+
+
 def files_to_composed(model, tmp: Path, repeat: int, ks: tuple[int, ...] = (LANGUAGE_K, TASK_K)) -> dict:
     """Files -> composed model for SFTs of `ks` entries (default: the paper's language and task K), against
     the index_add_ yardstick in the same run. Returns the timings (seconds per run) by name."""
@@ -134,15 +149,7 @@ def files_to_composed(model, tmp: Path, repeat: int, ks: tuple[int, ...] = (LANG
     del made
     yard, load, appl, total, check = [], [], [], [], []
     for _ in range(repeat):
-        gc.collect()
-        sync()
-        t0 = time.perf_counter()
-        for flat, idx, vals in decoded:
-            flat.index_add_(0, idx, vals)
-        sync()
-        yard.append(time.perf_counter() - t0)
-        for flat, idx, vals in decoded:  # back to θ0 (approximately: timings only), untimed
-            flat.index_add_(0, idx, vals, alpha=-1)
+        yard.append(yardstick(decoded))
         gc.collect()
         sync()
         t0 = time.perf_counter()
