@@ -235,8 +235,14 @@ def selection(device: str, quick: bool) -> dict:
         masks = lottery_ticket(theta0, theta1, k)
         sync(device)
         seconds = time.perf_counter() - t0
-    picked = sum(m.numel() for m in masks.values())
-    return {"ok": picked == k, "k": k, "entries": sum(t.numel() for t in theta0.values()),
+    # exact: the selected scores are the K largest (as a multiset: rounding makes ties at the threshold,
+    # which the selection breaks by position and topk by its own rule)
+    scores = torch.cat([(theta1[n] - theta0[n]).reshape(-1).abs() for n in theta0])
+    offsets = torch.tensor([0] + [t.numel() for t in theta0.values()]).cumsum(0)
+    got = torch.cat([masks[n].long() + offsets[i] for i, n in enumerate(theta0)]).to(scores.device)
+    exact = bool(got.unique().numel() == k and torch.equal(scores[got].sort().values, scores.topk(k).values.sort().values))
+    del scores
+    return {"ok": exact, "k": k, "entries": sum(t.numel() for t in theta0.values()), "equals_topk": exact,
             "seconds": round(seconds, 3), "extra_peak_gib": gib(mem.extra)}
 
 
