@@ -60,7 +60,7 @@ def prepare(model: torch.nn.Module, sft: SparseFineTuning, *, additive: bool, wi
             flat = t.param.data.view(-1)
             if additive:
                 # apply added values.to(fp32) to the old value in fp32: index_add_ does the same sum
-                change = deltas[id(t.param)].to(t.param.dtype)
+                change = deltas[id(t.param)].to(t.param.device, t.param.dtype)
             else:
                 change = flat.index_select(0, t.indices)
             out.sparse.append((flat, t.indices, t.original, change))

@@ -189,11 +189,15 @@ class Worker:
             started = time.perf_counter()
             model, labels = self.resident.apply(task, lang_sft, task_sft)
             self.swaps += 1
-        except (CompsftError, KeyError) as err:
+        except Exception as err:  # noqa: BLE001 - this pair's requests get the error, the worker goes on
+            if not isinstance(err, CompsftError):
+                logger.exception("applying %s/%s failed", language, task)
+            if isinstance(err, KeyError):  # the language or task left the store since the request came
+                err = SftUnavailable(str(err.args[0]))
             with self._cond:
                 jobs = self._take(pair)
             for job in jobs:
-                _fail(job, err if isinstance(err, CompsftError) else SftUnavailable(str(err.args[0])))
+                _fail(job, err)
             return
         swap_time = time.perf_counter() - started
         try:
