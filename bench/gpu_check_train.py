@@ -155,7 +155,7 @@ def training(device: str, quick: bool, model: Path, methods: str | None, steps: 
                 ctx = MethodContext(model_dir=model, budget=budget, device="cuda" if cuda else "cpu", callbacks=[timer])
                 with use_precision(prec):
                     lang_dir = None
-                    if spec.has_language_module:
+                    if spec.has_language_module and (spec.uses_source_language or spec.uses_target_language):
                         lang_dir, rec["language"] = _module(
                             modules, ("language", spec.language_key, prec), out / f"lang-{spec.language_key}-{prec}",
                             lambda d: spec.train_language(ctx, eng, 0, d), timer, PeakMemory(device))
