@@ -41,6 +41,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, executor=No
     grid = resolve(config)
     # SLURM jobs run elsewhere: their GPUs are not this machine's (the login node's) to check.
     device = _device(config.device, check_here=not getattr(executor, "remote", False))
+    if executor is not None:
+        executor.check(device)  # before anything is written: a grid that cannot run leaves nothing to --resume
     grid.out.mkdir(parents=True, exist_ok=True)
     extended = check_grid_file(grid, config.resume or config.report_only, must_exist=config.report_only,
                                extend=config.resume and not config.report_only)

@@ -147,6 +147,8 @@ class SerialExecutor:
     def describe(self) -> dict[str, Any]:
         return {"executor": "serial", "workers": 1, "threads_per_worker": self.threads}
 
+    def check(self, device: str) -> None: ...
+
     def start(self, runner) -> None:
         self.runner = runner
         if self.threads:
@@ -212,15 +214,18 @@ class LocalWorkers:
     def describe(self) -> dict[str, Any]:
         return {"executor": "local", "workers": self.slots, "threads_per_worker": self.threads}
 
-    def start(self, runner) -> None:
-        self.grid, self.device = runner.grid, runner.device
+    def check(self, device: str) -> None:
         self.gpus: list[str | None] = [None] * self.slots
-        if self.device == "cuda":
+        if device == "cuda":
             gpus = visible_gpus()
             if len(gpus) < self.slots:
                 raise CompsftError(f"--workers {self.slots} with --device cuda: {len(gpus)} GPU(s) visible "
                                    f"({', '.join(gpus) or 'none'}); one worker per GPU")
-            self.gpus = gpus[:self.slots]
+            self.gpus = list(gpus[:self.slots])
+
+    def start(self, runner) -> None:
+        self.grid, self.device = runner.grid, runner.device
+        self.check(self.device)
         self._ctx = multiprocessing.get_context("spawn")
         self._events = self._ctx.Queue()
 

@@ -64,6 +64,9 @@ class SubmititExecutor:
         ex.update_parameters(**{k: v for k, v in self.parameters.items() if v is not None})
         return ex
 
+    def check(self, device: str) -> None:
+        self.executor()  # submitit installed, srun found (slurm), the parameters valid
+
     def start(self, runner) -> None:
         from .executors import run_job_node
 
