@@ -11,6 +11,7 @@ bare pretrained model) gets its label list from the task SFT, whose dense head t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +31,20 @@ class LoadedModel:
     device: Any
 
 
-def load_sfts(paths: Sequence[str | os.PathLike], task: str):
-    """The SFTs at `paths` (each remembers its path as `.source`); a task SFT of another task is an error."""
+def load_sfts(items: Sequence, task: str):
+    """The SFTs at `items` (directories, each remembered as `.source`, or SFTs already loaded); a task SFT
+    of another task is an error."""
     import compsft
 
     sfts = []
-    for p in paths:
-        s = compsft.load(p)
-        s.source = str(p)
+    for p in items:
+        if isinstance(p, (str, os.PathLike)):
+            s = compsft.load(p)
+            s.source = str(p)
+        else:
+            s = p
         if s.config.task and s.config.task != task:
-            raise CompsftError(f"{p}: a task SFT for {s.config.task!r}, not {task!r}")
+            raise CompsftError(f"{getattr(s, 'source', None) or p}: a task SFT for {s.config.task!r}, not {task!r}")
         sfts.append(s)
     return sfts
 
@@ -50,10 +55,25 @@ def default_device(device: str | None = None):
     return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report lists the MLM head as unexpected and the task head as missing when a
+    bare pretrained model gets a fresh head: expected here (the task SFT fills the head), so not shown."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _model_and_labels(spec, model_dir: Path, labels_hint, has_sfts: bool):
     """The task model from `model_dir`; a fresh head sized by `labels_hint` when the directory has none."""
     try:
-        return spec.load_model(model_dir)
+        with _quiet_transformers():
+            return spec.load_model(model_dir)
     except CompsftError as err:
         if not labels_hint:
             if has_sfts:
@@ -63,7 +83,8 @@ def _model_and_labels(spec, model_dir: Path, labels_hint, has_sfts: bool):
     except (OSError, ValueError, KeyError) as err:  # transformers on a directory of another model class
         raise CompsftError(f"--model: {model_dir} cannot be loaded as a {spec.name} model "
                            f"({type(err).__name__}: {str(err)[:200]})") from None
-    return spec.build_model(model_dir, labels_hint), list(labels_hint)
+    with _quiet_transformers():
+        return spec.build_model(model_dir, labels_hint), list(labels_hint)
 
 
 def _check_labels(task: str, labels: Sequence[str], model_dir: Path) -> None:

@@ -66,9 +66,7 @@ class Predictor:
                  check_base: bool = True) -> None:
         self.spec = get_task(task)
         self.task = task
-        paths = [s for s in sfts if isinstance(s, (str, os.PathLike))]
-        loaded = load_sfts(paths, task) if len(paths) == len(sfts) else list(sfts)
-        composed = load_task_model(self.spec, model, loaded, device=device, tokenizer_dir=tokenizer,
+        composed = load_task_model(self.spec, model, load_sfts(sfts, task), device=device, tokenizer_dir=tokenizer,
                                    check_base=check_base)
         self.model, self.labels, self.tokenizer = composed.model, composed.labels, composed.tokenizer
         self.device, self.dense_flags = composed.device, composed.dense_flags
