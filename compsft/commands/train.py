@@ -250,11 +250,15 @@ def _train_multisource(task, model, out, train, dev, source_sft, upsample, kwarg
         return
     multi = tuner.sft.config.training["multi_source"]
     for record in multi["sources"]:
-        rate = (record["vocabulary_fallback"] or {}).get("rate")
+        fallback = record["vocabulary_fallback"] or {}
+        rate = fallback.get("rate")
+        high = rate is not None and rate > fallback["threshold"]
         typer.echo(f"source {record['name']}: {record['sentences']} sentences x{record['upsample']}, "
                    f"{sum(b.get(record['name'], 0) for b in multi['batches'].values())} batches, "
                    f"{'its language SFT ' + str(record['source_sft']) if record['language_sft'] else 'on θ0 (no language SFT)'}"
-                   + (f", vocabulary fallback {100 * rate:.1f}%" if rate is not None else ""), err=True)
+                   + (f", vocabulary fallback {100 * rate:.1f}%" if rate is not None else "")
+                   + (" (over the threshold: `compsft prepare-model --full`, or `compsft trim-vocab` with its text)"
+                      if high else ""), err=True)
     dev_metrics = tuner.sft.config.training.get("dev")
     if dev_metrics:
         per = ", ".join(f"{n} {next(v for v in m.values() if isinstance(v, float)):.4f}"
