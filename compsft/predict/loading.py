@@ -56,7 +56,7 @@ def default_device(device: str | None = None):
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' load report lists the MLM head as unexpected and the task head as missing when a
     bare pretrained model gets a fresh head: expected here (the task SFT fills the head), so not shown."""
     from transformers.utils import logging as hf_logging
@@ -72,7 +72,7 @@ def _quiet_transformers():
 def _model_and_labels(spec, model_dir: Path, labels_hint, has_sfts: bool):
     """The task model from `model_dir`; a fresh head sized by `labels_hint` when the directory has none."""
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return spec.load_model(model_dir)
     except CompsftError as err:
         if not labels_hint:
@@ -83,7 +83,7 @@ def _model_and_labels(spec, model_dir: Path, labels_hint, has_sfts: bool):
     except (OSError, ValueError, KeyError) as err:  # transformers on a directory of another model class
         raise CompsftError(f"--model: {model_dir} cannot be loaded as a {spec.name} model "
                            f"({type(err).__name__}: {str(err)[:200]})") from None
-    with _quiet_transformers():
+    with quiet_transformers():
         return spec.build_model(model_dir, labels_hint), list(labels_hint)
 
 
