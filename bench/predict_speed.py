@@ -1,7 +1,7 @@
 """Benchmark: `compsft predict` throughput beside `transformers.pipeline`, and peak memory against input length.
 
-    python -m bench.predict_speed                  # default model, CPU, 2,000 shipped test sentences
-    python -m bench.predict_speed --quick          # a tiny random model and 40 sentences: the script runs
+    python bench/predict_speed.py                  # default model, CPU, 2,000 shipped test sentences
+    python bench/predict_speed.py --quick          # a tiny random model and 40 sentences: the script runs
 
 Speed: sentences per second of the `compsft predict` path (read a pre-tokenized file, predict, write
 CoNLL-U) for pos, dep and ner on 2,000 shipped test sentences (UD gv, mt, wo, ug for pos/dep;
