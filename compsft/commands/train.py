@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
         Example: compsft train-task --task pos --model M --train ud:en_ewt:train --source-sft sfts/eng --out sfts/pos
         """
         from compsft.errors import CompsftError
-        from compsft.training.multisource import is_multi_source
+        from compsft.training.multisource_recipe import is_multi_source
 
         precision = _precision(bf16, fp16, cpu, save_dtype)
         if is_multi_source(train, source_sft):
@@ -241,8 +241,7 @@ def register(app: typer.Typer) -> None:
 
 def _train_multisource(task, model, out, train, dev, source_sft, upsample, kwargs) -> None:
     """`train-task` with one --train per source (`compsft.training.multisource_recipe`)."""
-    from compsft.training.multisource import sources_from_cli
-    from compsft.training.multisource_recipe import train_multisource_task_sft
+    from compsft.training.multisource_recipe import sources_from_cli, train_multisource_task_sft
 
     sources = sources_from_cli(train, dev, source_sft, upsample)
     tuner = train_multisource_task_sft(task, model, sources, out, **kwargs)

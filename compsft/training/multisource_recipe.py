@@ -181,3 +181,69 @@ def train_multisource_task_sft(
     if selection is not None and selection.best is not None and tuner.is_world_process_zero():
         selected_sft(tuner.sft, selection.best, selection.summary()).save(out / "dev-selected", **_save_kwargs(save_dtype))
     return tuner
+
+
+# -- sources from command-line values ---------------------------------------------------------------
+def _split(value: str, what: str) -> tuple[str | None, str]:
+    """``LANG=VALUE`` -> (LANG, VALUE); a value without a language prefix -> (None, value)."""
+    import re
+
+    from ..errors import CompsftError
+
+    m = re.fullmatch(r"([a-z][a-z0-9_-]*)=(.+)", value.strip())
+    if m:
+        return m.group(1), m.group(2)
+    if "=" in value.split(":")[0] and not Path(value).exists():
+        raise CompsftError(f"{what} {value!r}: expected LANG=VALUE with a lowercase language code")
+    return None, value
+
+
+def is_multi_source(train: Sequence[str], source_sft: Sequence[str]) -> bool:
+    """Whether `train-task` values ask for multi-source training: several --train, or a LANG= prefix."""
+    return len(train) > 1 or any(_split(v, "value")[0] for v in [*train, *source_sft])
+
+
+def sources_from_cli(train: Sequence[str], dev: Sequence[str] = (), source_sft: Sequence[str] = (),
+                     upsample: Sequence[str] = ()) -> list[TaskSource]:
+    """`TaskSource`s from `train-task`'s repeatable values: ``--train [LANG=]DATA`` (a shipped UD name
+    knows its language: ``ud:ga_idt:train`` is gle), ``--dev [LANG=]DATA``, ``--source-sft [LANG=]DIR``
+    (a bare directory names the language its SFT records) and ``--upsample LANG=N``."""
+    from ..errors import CompsftError
+    from ..serialization import load_sft
+    from ..tasks.catalogue import data_language
+    from .multisource import check_sources
+
+    def lang_of(value: str, what: str) -> tuple[str, str]:
+        lang, data = _split(value, what)
+        lang = lang or data_language(data)
+        if lang is None:
+            raise CompsftError(f"{what} {value!r}: say which language it is, as LANG={value}")
+        return lang, data
+
+    sources: dict[str, TaskSource] = {}
+    for value in train:
+        lang, data = lang_of(value, "--train")
+        if lang in sources:
+            raise CompsftError(f"--train {value!r}: source {lang} is given twice")
+        sources[lang] = TaskSource(lang, data)
+    for value in dev:
+        lang, data = lang_of(value, "--dev")
+        if lang not in sources:
+            raise CompsftError(f"--dev {value!r}: {lang} is not one of the sources ({', '.join(sources)})")
+        sources[lang].dev = data
+    for value in source_sft:
+        lang, path = _split(value, "--source-sft")
+        lang = lang or load_sft(path).config.language
+        if lang not in sources:
+            raise CompsftError(f"--source-sft {value!r}: {lang or 'its language'} is not one of the sources "
+                               f"({', '.join(sources)}); write LANG={path}")
+        if sources[lang].sft is not None:
+            raise CompsftError(f"--source-sft {value!r}: source {lang} has a language SFT already")
+        sources[lang].sft = path
+    for value in upsample:
+        lang, n = _split(value, "--upsample")
+        if lang not in sources or not n.isdigit() or int(n) < 1:
+            raise CompsftError(f"--upsample {value!r}: expected LANG=N with N >= 1 and LANG one of {', '.join(sources)}")
+        sources[lang].upsample = int(n)
+    check_sources(list(sources.values()))
+    return list(sources.values())
