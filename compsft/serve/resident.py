@@ -17,7 +17,6 @@ half-applied), keeping θ0 at its positions; a swap then writes the applied valu
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from compsft import merge
 from compsft.errors import CompsftError
+from compsft.predict.loading import quiet_transformers
 from compsft.sft import SparseFineTuning
 
 from . import swap
@@ -45,7 +45,7 @@ class ResidentModel:
 
         self.model_dir = local_dir(model_dir, "--model")
         self.device = torch.device(device)
-        with _quiet_transformers():  # its load report lists the MLM head a bare encoder leaves out, at length
+        with quiet_transformers():  # its load report lists the MLM head a bare encoder leaves out, at length
             self.encoder = load_encoder(self.model_dir).to(self.device).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(tokenizer_dir or self.model_dir,
                                         "--tokenizer" if tokenizer_dir else "--model")
@@ -167,18 +167,6 @@ class ResidentModel:
                 if not n.startswith(prefix + "."):
                     out[f"{task}.{n}"] = p
         return out
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def _require_head(model: torch.nn.Module, task_sft: SparseFineTuning) -> None:
