@@ -241,7 +241,7 @@ def run_cli(args):
 def test_cli_multi_source_records_its_sources_and_dev_mean(cli_assets):
     out = cli_assets["root"] / "pos"
     result = run_cli(task_args(cli_assets, out, extra=["--dev", "ud:ga_idt:dev", "--dev", "fin=ud:fi_tdt:dev",
-                                                       "--dev-checks", "2", "--save-steps", "0"]))
+                                                       "--dev-checks", "2", "--dev-sentences", "20", "--save-steps", "0"]))
     sft = compsft.load(out)
     multi = sft.config.training["multi_source"]
     assert [(r["name"], r["upsample"], r["language_sft"]) for r in multi["sources"]] == \
@@ -254,6 +254,7 @@ def test_cli_multi_source_records_its_sources_and_dev_mean(cli_assets):
     assert dev["metrics"]["accuracy"] == pytest.approx(
         sum(m["accuracy"] for m in dev["per_source"].values()) / 2)
     assert (out / "dev-selected").is_dir() and "dev (mean over sources)" in result.output
+    assert compsft.load(out / "dev-selected").config.training["dev_selected"]["checks"]
     assert "source fin: 12 sentences x2" in result.output and "over the threshold" in result.output
 
 

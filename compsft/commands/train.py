@@ -170,6 +170,8 @@ def register(app: typer.Typer) -> None:
         dev_checks: int = typer.Option(0, "--dev-checks", min=0, help="Multi-source: score the mean over the "
                                                                       "sources' dev sets N times in phase 2 and "
                                                                       "write the best state to OUT/dev-selected."),
+        dev_sentences: Optional[int] = typer.Option(None, "--dev-sentences", min=1, help="Multi-source: score "
+                                                    "N dev sentences per source, spread over its dev set."),
         k: Optional[int] = typer.Option(None, "--k", min=1, help="Entries the SFT may change (default: the paper's "
                                                                  "2·L·h² for L layers of width h; 14,155,776 for mBERT)."),
         density: Density = None,
@@ -208,7 +210,8 @@ def register(app: typer.Typer) -> None:
         precision = _precision(bf16, fp16, cpu, save_dtype)
         if is_multi_source(train, source_sft):
             _train_multisource(task, model, out, train, dev, source_sft, upsample, dict(
-                order=source_order, dev_checks=dev_checks, k=k, density=density, mask_strategy=mask_strategy,
+                order=source_order, dev_checks=dev_checks, dev_sentences=dev_sentences, k=k, density=density,
+                mask_strategy=mask_strategy,
                 phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
                 phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
                 l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
@@ -216,9 +219,9 @@ def register(app: typer.Typer) -> None:
                 weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
                 precision=precision, save_dtype=save_dtype))
             return
-        if len(dev) > 1 or len(source_sft) > 1 or upsample or dev_checks:
-            raise CompsftError("several --dev or --source-sft, --upsample and --dev-checks are for multi-source "
-                               "training: give one --train per source")
+        if len(dev) > 1 or len(source_sft) > 1 or upsample or dev_checks or dev_sentences:
+            raise CompsftError("several --dev or --source-sft, --upsample, --dev-checks and --dev-sentences are for "
+                               "multi-source training: give one --train per source")
         from compsft.training.recipes import train_task_sft
 
         tuner = train_task_sft(
@@ -254,7 +257,7 @@ def _train_multisource(task, model, out, train, dev, source_sft, upsample, kwarg
         high = rate is not None and rate > fallback["threshold"]
         typer.echo(f"source {record['name']}: {record['sentences']} sentences x{record['upsample']}, "
                    f"{sum(b.get(record['name'], 0) for b in multi['batches'].values())} batches, "
-                   f"{'its language SFT ' + str(record['source_sft']) if record['language_sft'] else 'on θ0 (no language SFT)'}"
+                   + (f"its language SFT {record['source_sft']}" if record["language_sft"] else "on θ0 (no language SFT)")
                    + (f", vocabulary fallback {100 * rate:.1f}%" if rate is not None else "")
                    + (" (over the threshold: `compsft prepare-model --full`, or `compsft trim-vocab` with its text)"
                       if high else ""), err=True)

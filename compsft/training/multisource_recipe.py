@@ -179,7 +179,8 @@ def train_multisource_task_sft(
         logger.info("dev (mean over %d sources): %s=%.4f", len(scores), metric, mean)
     tuner.save_sft(out, **_save_kwargs(save_dtype))
     if selection is not None and selection.best is not None and tuner.is_world_process_zero():
-        selected_sft(tuner.sft, selection.best, selection.summary()).save(out / "dev-selected", **_save_kwargs(save_dtype))
+        selected = selected_sft(tuner.sft, selection.best, selection.summary())
+        selected.save(out / "dev-selected", **_save_kwargs(save_dtype))
     return tuner
 
 
@@ -243,7 +244,8 @@ def sources_from_cli(train: Sequence[str], dev: Sequence[str] = (), source_sft: 
     for value in upsample:
         lang, n = _split(value, "--upsample")
         if lang not in sources or not n.isdigit() or int(n) < 1:
-            raise CompsftError(f"--upsample {value!r}: expected LANG=N with N >= 1 and LANG one of {', '.join(sources)}")
+            raise CompsftError(f"--upsample {value!r}: expected LANG=N with N >= 1 and LANG one of "
+                               f"{', '.join(sources)}")
         sources[lang].upsample = int(n)
     check_sources(list(sources.values()))
     return list(sources.values())
