@@ -17,6 +17,8 @@ from urllib.parse import urlencode
 import pytest
 
 pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from compsft.serve import Service, create_app  # noqa: E402

@@ -15,19 +15,18 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from compsft import fingerprint as fp
+from compsft.errors import CompsftError
 from compsft.predict import InputSentence, predict_words, sentence_record
 from compsft.predict.inputs import make_tokenlist, read_text
 from compsft.predict.outputs import format_conllu
 from compsft.tasks import TASKS, get_task
 from compsft.tasks.base import Sentence
 from compsft.vocab import require_same_vocab
-from compsft.errors import CompsftError
 
 from .metrics import Metrics
 from .resident import ResidentModel
