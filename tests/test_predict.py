@@ -307,3 +307,31 @@ def test_cli_main_prints_one_line(world, tmp_path, monkeypatch, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"error: {tmp_path / 'bad.conllu'}:1: expected 10 tab-separated columns, found 3"
+
+
+def test_killed_run_leaves_no_file_under_the_final_name(world, tmp_path):
+    """SIGKILL in the middle of a run (sentences already written to the temporary file): nothing under --out."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out.conllu"
+    proc = subprocess.Popen([sys.executable, "-m", "compsft.cli", "predict", "--task", "pos", "--model", str(world["base"]),
+                             "--sft", str(world["root"] / "task-pos"), "--pretokenized", "--chunk-size", "1",
+                             "--out", str(out), "--device", "cpu"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    try:
+        proc.stdin.write(b"the cat sat\nthe mat\n")
+        proc.stdin.flush()  # stdin stays open: the run waits for more input, half its output written
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size for p in tmp_path.glob(".out.conllu.*/payload")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never wrote its first sentences"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()

@@ -80,6 +80,8 @@ def register(app: typer.Typer) -> None:
                 sentences += 1
                 words += len(record.words)
                 progress.advance(sentences)
+                if sentences % chunk_size == 0:  # a chunk done: on disk (or down the pipe) before the next is read
+                    f.flush()
         seconds = time.perf_counter() - started
         where = "stdout" if out == "-" else out
         name = "<stdin>" if input == "-" else input
