@@ -203,6 +203,9 @@ def register(app: typer.Typer) -> None:
         """Train a task SFT with the source language SFT applied (LT-SFT).
 
         Example: compsft train-task --task pos --model M --train ud:en_ewt:train --source-sft sfts/eng --out sfts/pos
+
+        Multi-source (each batch under its own source's SFT): compsft train-task --task pos --model M
+        --train ud:ga_idt:train --train ud:fi_tdt:train --source-sft gle=sfts/gle --source-sft fin=sfts/fin --out sfts/pos
         """
         from compsft.errors import CompsftError
         from compsft.training.multisource_recipe import is_multi_source
