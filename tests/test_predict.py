@@ -309,6 +309,7 @@ def test_cli_main_prints_one_line(world, tmp_path, monkeypatch, capsys):
         f"error: {tmp_path / 'bad.conllu'}:1: expected 10 tab-separated columns, found 3"
 
 
+@pytest.mark.slow  # a fresh interpreter: 10-15 s on a busy machine
 def test_killed_run_leaves_no_file_under_the_final_name(world, tmp_path):
     """SIGKILL in the middle of a run (sentences already written to the temporary file): nothing under --out."""
     import signal
