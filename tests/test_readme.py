@@ -24,8 +24,6 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 # README and the documentation pages it links to; their commands are held to the same standard.
 PAGES = {"README.md": README} | {
     p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").rglob("*.md"))}
-# Pages other sessions are writing (issues 26-30): README links them before they land.
-PENDING = {"docs/predict.md", "docs/gpu.md", "docs/parallel.md", "docs/serve.md", "docs/multisource.md"}
 
 
 def _section(title: str) -> str:
@@ -215,15 +213,13 @@ def test_science_scripts_live_in_experiments_and_bench_keeps_speed_and_memory():
 
 
 def test_relative_links_resolve():
-    """README and docs pages link to files that exist (pages other sessions are still writing excepted)."""
+    """README and docs pages link to files that exist."""
     for page, text in PAGES.items():
         base = (ROOT / page).parent
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if re.match(r"[a-z]+:", target):
                 continue
             path = (base / target).resolve()
-            if path.relative_to(ROOT).as_posix() in PENDING:
-                continue
             assert path.exists(), f"{page}: broken link {target}"
 
 
