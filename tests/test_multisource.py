@@ -303,3 +303,24 @@ def test_resume_after_sigkill_matches_uninterrupted_run(cli_assets):
         assert torch.equal(whole.diffs[n].values, again.diffs[n].values), n
     for n in whole.dense:
         assert torch.equal(whole.dense[n], again.dense[n]), n
+
+
+def test_shift_on_many_tensors_with_threads_is_exact():
+    """The CPU path that spreads tensors over torch's threads: θ + φ inside, θ bit for bit after."""
+    model = tiny_tagger()
+    params = {n: p for n, p in model.named_parameters() if n.startswith("bert.encoder")}
+    g = torch.Generator().manual_seed(0)
+    diffs = {n: SparseDelta(tuple(p.shape), torch.arange(0, p.numel(), 3, dtype=torch.int32),
+                            torch.randn(len(range(0, p.numel(), 3)), generator=g)) for n, p in params.items()}
+    shift = SourceShift({"a": SparseFineTuning(diffs, {}, SftConfig(kind="language"))})
+    before = {n: p.detach().clone() for n, p in params.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with shift.applied(model, "a"):
+            for n, p in params.items():
+                d = diffs[n]
+                assert torch.equal(p.detach().reshape(-1), before[n].reshape(-1).index_add(0, d.indices.long(), d.values))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())

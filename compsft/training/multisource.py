@@ -233,6 +233,7 @@ class SourceShift:
         self.active: str | None = None            # the source whose tensors are on the device
         self.changes = 0
         self._device_cache: dict[tuple, list] = {}
+        self._pool = None
 
     def check(self, model: torch.nn.Module) -> None:
         """Every source SFT fits `model` and was trained from its weights (`compsft.apply`'s checks,
@@ -244,7 +245,8 @@ class SourceShift:
                 revert(model, apply(model, sft, with_dense=False))
 
     def _tensors(self, model, source: str) -> list:
-        """[(stored tensor, indices, values)] of `source`, on the model's device (values in ≥ fp32)."""
+        """[(stored tensor, indices, values, buffer)] of `source` on the model's device (values in ≥ fp32; the
+        buffer holds the gathered stored values while the source is applied)."""
         entries = []
         for name, delta in self.sfts[source].diffs.items():
             found = _owner(model, name)
@@ -256,8 +258,11 @@ class SourceShift:
             cache_key = (source, name, stored.device, stored.dtype)
             if cache_key not in self._device_cache:
                 work = torch.promote_types(stored.dtype, torch.float32)
-                self._device_cache[cache_key] = [delta.indices.to(stored.device, torch.int64),
-                                                 delta.values.to(stored.device, work)]
+                idx = delta.indices.to(stored.device, torch.int64)
+                # The gathered values go into a buffer kept with the source: no allocation per step (freeing
+                # one per step moved glibc's mmap threshold and made every step's big tensors page-fault).
+                self._device_cache[cache_key] = [idx, delta.values.to(stored.device, work),
+                                                 torch.empty(idx.numel(), dtype=stored.dtype, device=stored.device)]
             entries.append((stored, *self._device_cache[cache_key]))
         return entries
 
@@ -273,21 +278,35 @@ class SourceShift:
         if source is None or self.sfts[source] is None:
             yield
             return
-        saved = []
+        if self.current:
+            raise CompsftError(f"source {source}: another source SFT is applied already (leave its block first)")
+        entries = self._tensors(model, source)
+        saved = [(stored.data.view(-1), idx, original) for stored, idx, vals, original in entries]
+        self._each(entries, _gather)   # changes nothing: every buffer is full before the first write
         try:
-            with torch.no_grad():
-                for stored, idx, vals in self._tensors(model, source):
-                    flat = stored.data.view(-1)
-                    original = flat.index_select(0, idx)
-                    saved.append((flat, idx, original))
-                    flat.index_copy_(0, idx, (original.to(vals.dtype) + vals).to(flat.dtype))
-                    self.current[id(stored)] = (idx, vals)
+            self._each(entries, _add)
+            for stored, idx, vals, _ in entries:
+                self.current[id(stored)] = (idx, vals)
             yield
         finally:
-            with torch.no_grad():
-                for flat, idx, original in reversed(saved):
-                    flat.index_copy_(0, idx, original)
+            self._each(saved, _restore)
             self.current.clear()
+
+    def _each(self, items: list, fn) -> None:
+        """`fn` on every item; on the CPU on all torch threads (the index ops of one tensor are mostly
+        serial, and different tensors are independent; torch releases the GIL)."""
+        threads = torch.get_num_threads()
+        with torch.no_grad():
+            if threads > 1 and len(items) > 1 and items[0][0].device.type == "cpu":
+                if self._pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._pool = ThreadPoolExecutor(max_workers=threads)
+                for _ in self._pool.map(fn, items):
+                    pass
+            else:
+                for item in items:
+                    fn(item)
 
     def reference(self, param: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
         """θ0 + φ at `param`'s applied positions (θ0 where nothing is applied): what `param` is compared
@@ -297,6 +316,27 @@ class SourceShift:
             return theta0
         idx, vals = found
         return theta0.reshape(-1).index_add(0, idx, vals.to(theta0.dtype)).view_as(theta0)
+
+
+def _gather(entry) -> None:
+    """The stored values at φ's positions into the source's buffer."""
+    stored, idx, _, original = entry
+    torch.index_select(stored.data.view(-1), 0, idx, out=original)
+
+
+def _add(entry) -> None:
+    """θ + φ at φ's positions (the gathered values are in the buffer)."""
+    stored, idx, vals, original = entry
+    flat = stored.data.view(-1)
+    if vals.dtype == flat.dtype:   # fp32 (or wider): θ + φ rounded once, in place
+        flat.index_add_(0, idx, vals)
+    else:                          # half types: added in fp32, rounded once, as compsft.apply
+        flat.index_copy_(0, idx, (original.to(vals.dtype) + vals).to(flat.dtype))
+
+
+def _restore(item) -> None:
+    flat, idx, original = item
+    flat.index_copy_(0, idx, original)
 
 
 # -- the trainer -----------------------------------------------------------------------------------
