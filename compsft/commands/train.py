@@ -211,26 +211,8 @@ def register(app: typer.Typer) -> None:
         from compsft.training.multisource_recipe import is_multi_source
 
         precision = _precision(bf16, fp16, cpu, save_dtype)
-        if is_multi_source(train, source_sft):
-            _train_multisource(task, model, out, train, dev, source_sft, upsample, dict(
-                order=source_order, dev_checks=dev_checks, dev_sentences=dev_sentences, k=k, density=density,
-                mask_strategy=mask_strategy,
-                phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
-                phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
-                l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-                max_sentences=max_sentences, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
-                weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
-                precision=precision, save_dtype=save_dtype))
-            return
-        if len(dev) > 1 or len(source_sft) > 1 or upsample or dev_checks or dev_sentences:
-            raise CompsftError("several --dev or --source-sft, --upsample, --dev-checks and --dev-sentences are for "
-                               "multi-source training: give one --train per source")
-        from compsft.training.recipes import train_task_sft
-
-        tuner = train_task_sft(
-            task, model, train[0], out, dev=dev[0] if dev else None,
-            source_sft=Path(source_sft[0]) if source_sft else None, k=k, density=density,
-            mask_strategy=mask_strategy,
+        common = dict(
+            k=k, density=density, mask_strategy=mask_strategy,
             phase1=(full_ft_max_epochs, full_ft_min_steps, full_ft_max_steps),
             phase2=(sparse_ft_max_epochs, sparse_ft_min_steps, sparse_ft_max_steps),
             l1=l1, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
@@ -238,6 +220,17 @@ def register(app: typer.Typer) -> None:
             weight_decay=weight_decay, work_dir=work_dir, resume=resume, cpu=cpu,
             precision=precision, save_dtype=save_dtype,
         )
+        if is_multi_source(train, source_sft):
+            _train_multisource(task, model, out, train, dev, source_sft, upsample, dict(
+                order=source_order, dev_checks=dev_checks, dev_sentences=dev_sentences, **common))
+            return
+        if len(dev) > 1 or len(source_sft) > 1 or upsample or dev_checks or dev_sentences:
+            raise CompsftError("several --dev or --source-sft, --upsample, --dev-checks and --dev-sentences are for "
+                               "multi-source training: give one --train per source")
+        from compsft.training.recipes import train_task_sft
+
+        tuner = train_task_sft(task, model, train[0], out, dev=dev[0] if dev else None,
+                               source_sft=Path(source_sft[0]) if source_sft else None, **common)
         dev_metrics = tuner.sft.config.training.get("dev")
         if dev_metrics and tuner.is_world_process_zero():
             metrics = dev_metrics["metrics"]
