@@ -251,15 +251,20 @@ class LocalWorkers:
 
     def outcome(self, handle: cf.Future) -> dict[str, Any]:
         slot, node = self._slot_of.pop(handle), self._nodes.pop(handle)
-        try:
+        # `exception()` hands the worker's exception over as an object. Catching what `result()` raises
+        # instead would also swallow the driver's own Ctrl-C when its handler happens to run inside that
+        # `try` (SIGINT taken by another thread runs the handler at the main thread's next bytecode): the
+        # grid then went on as if nothing had happened (seen once in the full suite).
+        err = handle.exception()
+        if err is None:
             return handle.result()
-        except cf.process.BrokenProcessPool:
+        if isinstance(err, cf.process.BrokenProcessPool):
             # The worker died (killed, out of memory): only its own pool is broken; a fresh one takes its slot.
             self._pools[slot].shutdown(wait=False, cancel_futures=True)
             self._pools[slot] = None
             return {"status": "lost", "error": f"worker {slot + 1} died while running it"}
-        except BaseException as err:  # KeyboardInterrupt in the worker (Ctrl-C reaches the whole group), ...
-            return {"status": "lost", "error": f"worker {slot + 1}: {type(err).__name__}: {err}"}
+        # KeyboardInterrupt in the worker (Ctrl-C reaches the whole group), ...
+        return {"status": "lost", "error": f"worker {slot + 1}: {type(err).__name__}: {err}"}
 
     def drain(self, reporter) -> None:
         import queue
