@@ -196,8 +196,17 @@ def test_submitit_runs_every_module_and_cell_as_a_job_with_the_same_scores(model
     pytest.importorskip("submitit")
     from compsft.compare.executors import build_executor
 
-    executor = build_executor("submitit-debug", threads=1, out=tmp_path / "job", slurm=dict(time_min=10))
-    jobs = compare_with(config(model_dir, tmp_path / "job", **GRID), executor)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # anything but the jobs' one thread
+    try:
+        executor = build_executor("submitit-debug", threads=1, out=tmp_path / "job", slurm=dict(time_min=10))
+        jobs = compare_with(config(model_dir, tmp_path / "job", **GRID), executor)
+        # The debug executor runs jobs in this process: it must leave the thread count as it found it.
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
     same_scores(jobs, sequential)
     assert jobs["execution"]["executor"] == "submitit-debug"
     assert executor.submitted == 9  # five modules and four cells, each one job

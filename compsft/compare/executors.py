@@ -103,12 +103,22 @@ def run_worker_node(grid: Grid, device: str, node, failed: dict) -> dict[str, An
 def run_job_node(grid: Grid, device: str, node, failed: dict, threads: int | None,
                  setup: str | None, digests: dict | None = None) -> dict[str, Any]:
     """A node as a submitit job (a fresh process, or a reused one with the debug executor)."""
+    import torch
+
     from .progress import NullReporter
 
+    saved = torch.get_num_threads()
     if not _WORKER.get("job_setup"):
-        _setup_process(threads, setup, digests=digests)
+        _setup_process(None, setup, digests=digests)
         _WORKER["job_setup"] = True
-    return execute_node(_runner(grid, device, NullReporter()), node, failed)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return execute_node(_runner(grid, device, NullReporter()), node, failed)
+    finally:
+        # submitit's debug executor runs jobs in the driver's own process: leave its thread count as found (a
+        # test process left at one thread made a later bit-exactness test compare 1- and 2-thread sums).
+        torch.set_num_threads(saved)
 
 
 class QueueReporter:
