@@ -138,28 +138,46 @@ def test_a_killed_worker_loses_its_module_only_and_resume_finishes(model_dir, tm
     same_scores(resumed, sequential)
 
 
+DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import test_compare_harness as t
+from test_compare_workers import GRID, SETUP, compare_with
+from compsft.compare.executors import LocalWorkers
+t.register_fakes()
+try:
+    compare_with(t.config(sys.argv[1], sys.argv[2], **GRID), LocalWorkers(2, threads=1, setup=SETUP))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
 def test_ctrl_c_stops_the_workers_and_writes_the_table_of_what_finished(model_dir, tmp_path, train_log,
                                                                         monkeypatch):
     """SIGINT to the driver only (as `kill -INT`; a terminal's Ctrl-C reaches the workers too): it must stop
-    its workers itself, and they release their claims on the way out."""
-    from compsft.compare.executors import LocalWorkers
+    its workers itself, and they release their claims on the way out. The driver is a fresh interpreter, as
+    a user's `compsft compare` is: inside the test process it failed now and then in the full suite only."""
+    import sys
 
     monkeypatch.setenv("COMPSFT_TEST_SLEEP", "0.5")
     monkeypatch.setenv("COMPSFT_TEST_SLOW", "language/fake-a/mlt/42")  # a minute: interrupted, not waited for
     out = tmp_path / "cmp"
-
-    def interrupt_after_the_first_cell():
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    started = time.monotonic()
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(model_dir), str(out), tests], env=env)
+    try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (list((out / "cells").glob("*/*/seed*.json")) and any(
                 m == "language/fake-a/mlt/42" for _, m, _, _ in trainings(train_log))):
+            assert driver.poll() is None, "the grid ended before the slow module started"
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt_after_the_first_cell, daemon=True).start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        compare_with(config(model_dir, out, **GRID), LocalWorkers(2, threads=1, setup=SETUP))
-    assert time.monotonic() - started < 60, "the driver waited for the slow module instead of interrupting it"
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=60) == 130  # KeyboardInterrupt reached the driver's top
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert time.monotonic() - started < 75, "the driver waited for the slow module instead of interrupting it"
     results = json.loads((out / "results.json").read_text())
     done = list((out / "cells").glob("*/*/seed*.json"))
     assert 1 <= len(results["cells"]) == len(done) < results["cells_total"] == 4
