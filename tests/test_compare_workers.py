@@ -139,7 +139,8 @@ def test_a_killed_worker_loses_its_module_only_and_resume_finishes(model_dir, tm
 
 
 DRIVER = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell starts it, even under an ignoring parent
 sys.path.insert(0, sys.argv[3])
 import test_compare_harness as t
 from test_compare_workers import GRID, SETUP, compare_with
