@@ -203,6 +203,21 @@ def test_the_graph_waits_for_what_each_node_uses_in_sequential_order(model_dir, 
     assert [n.deps for n in nodes] == [(), (0,), (), (0, 1, 2), (), (0, 1, 4), (), (6,), (6,)]
 
 
+def test_the_graph_leaves_out_finished_cells_and_cached_modules(model_dir, tmp_path):
+    """A resumed grid's graph holds only what is left: no node for a finished cell or a cached module."""
+    from compsft.compare import NullReporter, resolve
+    from compsft.compare.graph import build_graph
+    from compsft.compare.run import GridRunner
+
+    out = tmp_path / "cmp"
+    run(config(model_dir, out, **dict(GRID, methods=["fake-a"])))
+    # fake-b trains nothing of its own: it uses fake-a's modules, all cached now
+    grown = dict(GRID, methods=["fake-a", "fake-b"])
+    runner = GridRunner(resolve(config(model_dir, out, **grown, resume=True)), NullReporter(), "cpu")
+    names = [n.label for n in build_graph(runner)]
+    assert names == ["fake-b → wol, seed 42", "fake-b → mlt, seed 42"]
+
+
 def _alive(pid: int) -> bool:
     from compsft.compare.claims import _pid_alive
 
